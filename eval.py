@@ -1,0 +1,185 @@
+"""Evaluate a DialogueLLM adapter: `python eval.py ckpt.pt [--split test] [--data meld] [--limit N]`.
+
+Each utterance is labelled by scoring every candidate label's log-probability after its prompt (the prompt runs
+once, the labels reuse its KV cache), so every prediction is a valid label. `--generate` decodes greedily
+instead and counts answers that name no label as wrong (DialogueLLM's released code picked a random label).
+Metrics follow scikit-learn's definitions: weighted F1 weights each class's F1 by its support in y_true.
+"""
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import llama
+import lora
+
+
+def metrics(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict:
+    """Accuracy, weighted and macro F1, per-class precision/recall/F1/support and the confusion matrix.
+
+    Arguments are y_true first (as scikit-learn's f1_score). Predictions outside `labels` (invalid answers)
+    count as wrong. confusion[i][j] = count of gold labels[i] predicted labels[j]. A class with no prediction
+    or no support gets precision or recall 0 (scikit-learn's zero_division=0).
+    """
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"y_true has {len(y_true)} items, y_pred {len(y_pred)}")
+    idx = {l: i for i, l in enumerate(labels)}
+    cm = np.zeros((len(labels), len(labels) + 1), dtype=np.int64)  # last column: invalid predictions
+    for t, p in zip(y_true, y_pred):
+        cm[idx[t], idx.get(p, len(labels))] += 1
+    tp, support, predicted = np.diag(cm[:, :-1]), cm.sum(1), cm[:, :-1].sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.nan_to_num(tp / predicted)
+        recall = np.nan_to_num(tp / support)
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    n = max(support.sum(), 1)
+    return {"n": int(support.sum()), "accuracy": float(tp.sum() / n), "weighted_f1": float((f1 * support).sum() / n),
+            "macro_f1": float(f1[support > 0].mean()) if (support > 0).any() else 0.0,
+            "invalid": int(cm[:, -1].sum()), "labels": labels, "confusion": cm[:, :-1].tolist(),
+            "per_class": {l: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                              "support": int(support[i])} for i, l in enumerate(labels)}}
+
+
+def prompt_ids(tok, example: dict, max_len: int) -> list[int]:
+    """The encoded prompt of an example (BOS + prompt), truncated exactly as in training."""
+    ids, n_answer = data.encode_example(tok, example, max_len)
+    return ids[:-n_answer]
+
+
+@torch.no_grad()
+def predict(model, tok, examples: list[dict], max_len: int, batch_size: int = 8, generate: bool = False,
+            progress: bool = True) -> list[dict]:
+    """Label every example; returns one dict per example: dialogue_id, utterance_id, dataset, gold, pred, scores.
+
+    Score mode: log P(label tokens | prompt) for each candidate label (llama.score_continuations); the
+    candidates are the label words as they appear after the prompt (data.label_token_ids), with EOS appended
+    only when one label's ids are a prefix of another's. Generate mode: greedy decoding; pred is the label
+    whose text equals the answer (case-insensitive, stripped), else the raw answer (counted invalid by metrics).
+    """
+    model.eval()
+    out, label_ids = [None] * len(examples), {}
+    order = sorted(range(len(examples)), key=lambda i: (examples[i]["labels"], len(examples[i]["prompt"])))
+    bar = tqdm(total=len(examples), desc="eval", disable=not progress, smoothing=0.1)
+    for start in range(0, len(order), batch_size):
+        groups = {}  # examples of different datasets have different label sets
+        for i in order[start:start + batch_size]:
+            groups.setdefault(tuple(examples[i]["labels"]), []).append(i)
+        for labels, idx in groups.items():
+            prompts = [prompt_ids(tok, examples[i], max_len) for i in idx]
+            if generate:
+                for i, p in zip(idx, prompts):
+                    answer = tok.decode(llama.generate(model, p, 8, eos_id=tok.eos_id)).strip()
+                    out[i] = _row(examples[i], next((l for l in labels if l.lower() == answer.lower()), answer), None)
+                continue
+            if labels not in label_ids:
+                ids = data.label_token_ids(tok, list(labels))
+                cands = [ids[l] for l in labels]
+                prefix = any(a != b and b[:len(a)] == a for a in cands for b in cands)
+                label_ids[labels] = [c + [tok.eos_id] * prefix for c in cands]
+            scores = llama.score_continuations(model, prompts, label_ids[labels], tok.pad_id)
+            for i, s in zip(idx, scores.tolist()):
+                out[i] = _row(examples[i], labels[int(np.argmax(s))], dict(zip(labels, s)))
+        bar.update(min(batch_size, len(order) - start))
+    bar.close()
+    return out
+
+
+def _row(ex, pred, scores):
+    return {"dataset": ex["dataset"], "dialogue_id": ex["dialogue_id"], "utterance_id": ex["utterance_id"],
+            "gold": ex["label"], "pred": pred, "scores": scores}
+
+
+def report(rows: list[dict]) -> dict:
+    """Metrics per dataset (and for the union when several), from predict()'s rows."""
+    res = {}
+    for name in sorted({r["dataset"] for r in rows}):
+        rs = [r for r in rows if r["dataset"] == name]
+        res[name] = metrics([r["gold"] for r in rs], [r["pred"] for r in rs], data.LABELS[name])
+    if len(res) > 1:
+        union = sorted({l for name in res for l in data.LABELS[name]})
+        res["union"] = metrics([r["gold"] for r in rows], [r["pred"] for r in rows], union)
+    return res
+
+
+def load_checkpoint(path, device="cpu", dtype=None):
+    """Rebuild (model with adapter, tokenizer, checkpoint dict) from a train.py checkpoint alone.
+
+    Loaded with torch.load(weights_only=True): a checkpoint holding arbitrary pickled objects is refused.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for a payload that is not plain tensors and containers
+        raise ValueError(f"{path}: not a safe DialogueLLM checkpoint ({type(e).__name__}: {e})") from None
+    cfg = ckpt["config"]
+    dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+    model, tok = llama.load(cfg["model"], device=device, dtype=dtype)
+    lora.apply_lora(model, cfg["targets"].split(","), cfg["r"], cfg["lora_alpha"], verbose=False)
+    missing, unexpected = model.load_state_dict(ckpt["lora"], strict=False)
+    missing = [k for k in missing if k.endswith((".lora_A", ".lora_B"))]
+    if missing or unexpected:
+        raise KeyError(f"{path}: adapter does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    lora.merge_all(model)  # inference only: fold B A into the base weights, one matmul per layer
+    return model.to(device).eval(), tok, ckpt
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("ckpt", nargs="?", help="checkpoint from train.py (omit with --zero-shot)")
+    p.add_argument("--data", help="dataset(s): meld, emorynlp, iemocap, a comma list or all (default: the trained one)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--data-dir")
+    p.add_argument("--limit", type=int, help="first N utterances only")
+    p.add_argument("--descriptions", help="video descriptions JSONL merged into the prompts")
+    p.add_argument("--generate", action="store_true", help="greedy decoding instead of label scoring")
+    p.add_argument("--zero-shot", action="store_true", help="the base model with no adapter")
+    p.add_argument("--model", default="default", help="base model for --zero-shot")
+    p.add_argument("--window", type=int, default=2, help="context window for --zero-shot")
+    p.add_argument("--max-len", type=int, default=256, help="max prompt+answer tokens for --zero-shot")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", help="output folder (default: beside the checkpoint)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args()
+    if a.zero_shot:
+        dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
+        model, tok = llama.load(a.model, device=a.device, dtype=dtype)
+        cfg, out = {"data": a.data or "meld", "window": a.window, "max_len": a.max_len}, Path(a.out or "runs/zero-shot")
+    elif a.ckpt:
+        model, tok, ckpt = load_checkpoint(a.ckpt, a.device)
+        cfg, out = ckpt["config"], Path(a.out or Path(a.ckpt).parent)
+    else:
+        p.error("give a checkpoint, or --zero-shot")
+    names = data.datasets_for(a.data or cfg["data"], a.data_dir)
+    descriptions = data.load_descriptions(a.descriptions) if a.descriptions else None
+    examples = []
+    for name in names:
+        examples += data.build_examples(data.load_split(name, a.split, a.data_dir), cfg["window"], descriptions)
+    examples = examples[:a.limit] if a.limit else examples
+    print(f"{len(examples)} utterances of {','.join(names)} {a.split}"
+          + (f"; {sum(e['has_description'] for e in examples)} with a video description" if descriptions else ""))
+    t0 = time.time()
+    rows = predict(model, tok, examples, cfg["max_len"], a.batch_size, a.generate)
+    res = report(rows)
+    res["seconds"] = round(time.time() - t0, 1)
+    res["with_description"] = sum(e["has_description"] for e in examples)
+    out = out / f"eval-{a.split}{'-generate' if a.generate else ''}{'-descriptions' if descriptions else ''}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(res, indent=1))
+    with open(out / "predictions.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    for name, m in res.items():
+        if isinstance(m, dict):
+            print(f"{name:>9} {a.split}: weighted F1 {100 * m['weighted_f1']:.2f}  accuracy {100 * m['accuracy']:.2f}  "
+                  f"macro F1 {100 * m['macro_f1']:.2f}  invalid {m['invalid']}  n={m['n']}")
+    print("predicted:", dict(Counter(r["pred"] for r in rows).most_common()))
+    print(f"wrote {out}/metrics.json and predictions.jsonl")
+
+
+if __name__ == "__main__":
+    main()
