@@ -25,7 +25,7 @@ def metrics(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict:
 
     Arguments are y_true first (as scikit-learn's f1_score). Predictions outside `labels` (invalid answers)
     count as wrong. confusion[i][j] = count of gold labels[i] predicted labels[j]. A class with no prediction
-    or no support gets precision or recall 0 (scikit-learn's zero_division=0).
+    or no support gets precision or recall 0 (scikit-learn's zero_division=0); macro F1 averages all `labels`.
     """
     if len(y_true) != len(y_pred):
         raise ValueError(f"y_true has {len(y_true)} items, y_pred {len(y_pred)}")
@@ -40,10 +40,28 @@ def metrics(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict:
         f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
     n = max(support.sum(), 1)
     return {"n": int(support.sum()), "accuracy": float(tp.sum() / n), "weighted_f1": float((f1 * support).sum() / n),
-            "macro_f1": float(f1[support > 0].mean()) if (support > 0).any() else 0.0,
+            "macro_f1": float(f1.mean()),
             "invalid": int(cm[:, -1].sum()), "labels": labels, "confusion": cm[:, :-1].tolist(),
             "per_class": {l: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
                               "support": int(support[i])} for i, l in enumerate(labels)}}
+
+
+def fit_label_bias(scores: np.ndarray, y_true: list[str], labels: list[str], passes: int = 3) -> np.ndarray:
+    """Per-label offsets b (C,) added to label log-probabilities before the argmax, chosen on dev data to
+    maximise weighted F1 (coordinate ascent over a grid of -4..4 nats). It corrects the model's prior towards
+    the majority class (MELD is 47% neutral); fit on dev only, then applied unchanged to test.
+    scores: (N, C) log-probabilities in `labels` order."""
+    bias, grid = np.zeros(len(labels)), np.linspace(-4, 4, 81)
+    f1 = lambda b: metrics(y_true, [labels[j] for j in (scores + b).argmax(1)], labels)["weighted_f1"]
+    best = f1(bias)
+    for _ in range(passes):
+        for c in range(len(labels)):
+            for v in grid:
+                trial = bias.copy()
+                trial[c] = v
+                if (f := f1(trial)) > best + 1e-9:
+                    best, bias = f, trial
+    return bias
 
 
 def prompt_ids(tok, example: dict, max_len: int) -> list[int]:
@@ -95,6 +113,22 @@ def _row(ex, pred, scores):
             "gold": ex["label"], "pred": pred, "scores": scores}
 
 
+def calibrate(rows: list[dict], bias: dict[str, list[float]] | None = None):
+    """Fit (bias=None) or apply per-dataset label offsets (fit_label_bias) to score-mode rows, in place.
+
+    Returns the bias dict {dataset: [offset per label of data.LABELS[dataset]]}."""
+    if bias is None:
+        bias = {}
+        for name in sorted({r["dataset"] for r in rows}):
+            rs = [r for r in rows if r["dataset"] == name]
+            s = np.array([[r["scores"][l] for l in data.LABELS[name]] for r in rs])
+            bias[name] = fit_label_bias(s, [r["gold"] for r in rs], data.LABELS[name]).tolist()
+    for r in rows:
+        labels = data.LABELS[r["dataset"]]
+        r["pred"] = labels[int(np.argmax([r["scores"][l] + b for l, b in zip(labels, bias[r["dataset"]])]))]
+    return bias
+
+
 def report(rows: list[dict]) -> dict:
     """Metrics per dataset (and for the union when several), from predict()'s rows."""
     res = {}
@@ -137,6 +171,7 @@ def main():
     p.add_argument("--limit", type=int, help="first N utterances only")
     p.add_argument("--descriptions", help="video descriptions JSONL merged into the prompts")
     p.add_argument("--generate", action="store_true", help="greedy decoding instead of label scoring")
+    p.add_argument("--no-calibration", action="store_true", help="ignore the label offsets fitted on dev")
     p.add_argument("--zero-shot", action="store_true", help="the base model with no adapter")
     p.add_argument("--model", default="default", help="base model for --zero-shot")
     p.add_argument("--window", type=int, default=2, help="context window for --zero-shot")
@@ -149,6 +184,7 @@ def main():
         dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
         model, tok = llama.load(a.model, device=a.device, dtype=dtype)
         cfg, out = {"data": a.data or "meld", "window": a.window, "max_len": a.max_len}, Path(a.out or "runs/zero-shot")
+        ckpt = {}
     elif a.ckpt:
         model, tok, ckpt = load_checkpoint(a.ckpt, a.device)
         cfg, out = ckpt["config"], Path(a.out or Path(a.ckpt).parent)
@@ -165,6 +201,14 @@ def main():
     t0 = time.time()
     rows = predict(model, tok, examples, cfg["max_len"], a.batch_size, a.generate)
     res = report(rows)
+    bias = ckpt.get("label_bias")
+    if bias and not a.generate and not a.no_calibration:  # offsets fitted on dev by train.py
+        raw = {k: v["weighted_f1"] for k, v in res.items()}
+        calibrate(rows, bias)
+        res = report(rows)
+        res["uncalibrated_weighted_f1"] = raw
+        print("without the dev-fitted label offsets: weighted F1 "
+              + ", ".join(f"{k} {100 * v:.2f}" for k, v in raw.items()))
     res["seconds"] = round(time.time() - t0, 1)
     res["with_description"] = sum(e["has_description"] for e in examples)
     out = out / f"eval-{a.split}{'-generate' if a.generate else ''}{'-descriptions' if descriptions else ''}"
@@ -174,7 +218,7 @@ def main():
         for r in rows:
             f.write(json.dumps(r) + "\n")
     for name, m in res.items():
-        if isinstance(m, dict):
+        if isinstance(m, dict) and "weighted_f1" in m:
             print(f"{name:>9} {a.split}: weighted F1 {100 * m['weighted_f1']:.2f}  accuracy {100 * m['accuracy']:.2f}  "
                   f"macro F1 {100 * m['macro_f1']:.2f}  invalid {m['invalid']}  n={m['n']}")
     print("predicted:", dict(Counter(r["pred"] for r in rows).most_common()))

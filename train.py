@@ -23,7 +23,7 @@ from tqdm import tqdm
 import data
 import llama
 import lora
-from eval import predict, report
+from eval import calibrate, predict, report
 
 
 @dataclass
@@ -50,6 +50,7 @@ class Config:
     max_steps: int = 0  # stop after this many optimizer steps (0: the epochs decide)
     eval_every: int = 0  # dev evaluation every N steps (0: at the end of each epoch)
     dev_limit: int | None = None  # dev utterances used for model selection (None: all)
+    calibrate: bool = True  # fit per-label score offsets on dev (eval.fit_label_bias), saved with the adapter
     save_every: int = 50  # steps between ckpt_last.pt writes
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -109,8 +110,9 @@ def atomic_save(obj, path: Path):
 def parse_config(argv=None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in fields(Config):
-        kind = {"bool | None": lambda s: s.lower() in ("1", "true", "yes")}.get(str(f.type))
-        kind = kind or (int if "int" in str(f.type) else float if "float" in str(f.type) else str)
+        t = str(f.type)
+        kind = (lambda s: s.lower() in ("1", "true", "yes")) if "bool" in t else int if "int" in t else \
+            float if "float" in t else str
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
     p.add_argument("--resume", help="ckpt_last.pt to continue from")
     a = p.parse_args(argv)
@@ -181,8 +183,11 @@ def main(argv=None):
             dist.all_gather_object(gathered, rows)
             rows = [r for g in gathered for r in g]
         model.train()
+        raw = report(rows)
+        bias = calibrate(rows) if cfg.calibrate else None
         res = report(rows)
-        return res.get("union", res[names[0]])
+        pick = lambda r: r.get("union", r[names[0]])
+        return dict(pick(res), uncalibrated_weighted_f1=pick(raw)["weighted_f1"]), bias
 
     metrics_log = open(out / "metrics.jsonl", "a") if main_proc else None
     model.train()
@@ -221,12 +226,14 @@ def main(argv=None):
         row = dict(step=step, loss=loss_sum.item(), lr=lr, tokens_per_s=round(rate, 1))
         end_of_epoch = step % per_epoch == 0 or step == total
         if (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch) or step == total:
-            res = evaluate()
-            row.update(dev_weighted_f1=res["weighted_f1"], dev_accuracy=res["accuracy"])
-            log(f"\nstep {step}: dev weighted F1 {100 * res['weighted_f1']:.2f}, accuracy {100 * res['accuracy']:.2f}")
+            res, bias = evaluate()
+            row.update(dev_weighted_f1=res["weighted_f1"], dev_accuracy=res["accuracy"],
+                       dev_uncalibrated_weighted_f1=res["uncalibrated_weighted_f1"])
+            log(f"\nstep {step}: dev weighted F1 {100 * res['weighted_f1']:.2f} "
+                f"(uncalibrated {100 * res['uncalibrated_weighted_f1']:.2f}), accuracy {100 * res['accuracy']:.2f}")
             if res["weighted_f1"] > best:
                 best = res["weighted_f1"]
-                save("ckpt.pt", dev=res)
+                save("ckpt.pt", dev=res, label_bias=bias)
         if main_proc:
             metrics_log.write(json.dumps(row) + "\n")
             metrics_log.flush()

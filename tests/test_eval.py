@@ -1,0 +1,178 @@
+"""eval.py: metrics against scikit-learn, label scoring against independent full forwards, generate mode's
+invalid answers, and the refusal of unsafe checkpoints."""
+import random
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+import data
+import eval as ev
+import llama
+from helpers import make_checkpoint
+
+LABELS = data.LABELS["meld"]
+
+
+def sk_metrics(y_true, y_pred, labels):
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    return dict(accuracy=accuracy_score(y_true, y_pred),
+                weighted_f1=f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0),
+                macro_f1=f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0),
+                precision=p, recall=r, f1=f, support=s, confusion=confusion_matrix(y_true, y_pred, labels=labels))
+
+
+def check_against_sklearn(y_true, y_pred, labels, macro=True):
+    ours, ref = ev.metrics(y_true, y_pred, labels), sk_metrics(y_true, y_pred, labels)
+    assert ours["n"] == len(y_true)
+    assert ours["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-12)
+    assert ours["weighted_f1"] == pytest.approx(ref["weighted_f1"], abs=1e-12)
+    if macro:
+        assert ours["macro_f1"] == pytest.approx(ref["macro_f1"], abs=1e-12)
+    for i, l in enumerate(labels):
+        pc = ours["per_class"][l]
+        assert [pc["precision"], pc["recall"], pc["f1"]] == pytest.approx(
+            [ref["precision"][i], ref["recall"][i], ref["f1"][i]], abs=1e-12), l
+        assert pc["support"] == ref["support"][i]
+    assert np.array_equal(np.array(ours["confusion"]), ref["confusion"])
+    assert ours["invalid"] == sum(p not in labels for p in y_pred)
+    return ours
+
+
+def random_case(seed, n=60):
+    """Imbalanced gold labels; label 'fear' never in gold; 'disgust' never predicted; a few invalid answers."""
+    rng = random.Random(seed)
+    gold_pool = [l for l in LABELS if l != "fear"]
+    y_true = rng.choices(gold_pool, weights=range(len(gold_pool), 0, -1), k=n)
+    y_pred = [t if rng.random() < 0.5 else rng.choice(LABELS) for t in y_true]
+    y_pred = [p if p != "disgust" else "neutral" for p in y_pred]
+    for i in rng.sample(range(n), 3):
+        y_pred[i] = rng.choice(["", "I think joy", "Neutral."])
+    assert "fear" not in y_true and "disgust" not in y_pred and "disgust" in y_true
+    return y_true, y_pred
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_metrics_match_sklearn(seed):
+    y_true, y_pred = random_case(seed)
+    ours = check_against_sklearn(y_true, y_pred, LABELS, macro=False)
+    assert ours["invalid"] == 3
+    # invalid answers are wrong: accuracy counts only exact label matches
+    assert ours["accuracy"] == sum(t == p for t, p in zip(y_true, y_pred)) / len(y_true)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_macro_f1_matches_sklearn_when_every_class_occurs(seed):
+    rng = random.Random(seed)
+    y_true = LABELS + rng.choices(LABELS, k=40)
+    y_pred = [t if rng.random() < 0.4 else rng.choice(LABELS + ["garbage"]) for t in y_true]
+    check_against_sklearn(y_true, y_pred, LABELS)
+
+
+def test_macro_f1_with_a_class_absent_from_gold_matches_sklearn():
+    y_true, y_pred = random_case(0)
+    check_against_sklearn(y_true, y_pred, LABELS)
+
+
+def test_swapped_arguments_give_a_different_weighted_f1():
+    """The trap: f1(y_pred, y_true) weights classes by prediction counts. A majority-class predictor on imbalanced
+    gold looks fine with swapped arguments."""
+    y_true = ["neutral"] * 6 + ["joy"] * 2 + ["anger"] * 2
+    y_pred = ["neutral"] * 9 + ["joy"]
+    right, swapped = ev.metrics(y_true, y_pred, LABELS), ev.metrics(y_pred, y_true, LABELS)
+    assert right["weighted_f1"] == pytest.approx(f1_score(y_true, y_pred, average="weighted", zero_division=0))
+    assert swapped["weighted_f1"] == pytest.approx(f1_score(y_pred, y_true, average="weighted", zero_division=0))
+    assert abs(right["weighted_f1"] - swapped["weighted_f1"]) > 0.05
+
+
+def test_metrics_length_mismatch_raises():
+    with pytest.raises(ValueError, match="3 items"):
+        ev.metrics(["joy"] * 3, ["joy"] * 2, LABELS)
+
+
+# ---------------------------------------------------------------- predict
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, shared_models):
+    """(our model, tok512 tokenizer) from a random HF checkpoint."""
+    folder = tmp_path_factory.mktemp("tiny")
+    make_checkpoint(folder, shared_models, std=0.3)
+    return llama.load(folder)
+
+
+def examples(labels=LABELS, n=7):
+    """Synthetic dialogues of different lengths (no data files needed) turned into examples."""
+    rng = random.Random(0)
+    words = "oh my god what are you doing here yeah right no way i love it okay".split()
+    dialogue = [dict(dataset="meld", split="test", dialogue_id=1, utterance_id=i, speaker=rng.choice(["Ross", "Joey"]),
+                     text=" ".join(rng.choices(words, k=rng.randint(1, 12))), label=rng.choice(labels))
+                for i in range(n)]
+    exs = data.build_examples([dialogue], window=2)
+    for e in exs:  # another label set: the prompt lists it too
+        e["labels"], e["prompt"] = list(labels), data.make_prompt(e["context"], e["target"], list(labels))
+    return exs
+
+
+def reference_scores(model, tok, ex, max_len):
+    """log P(candidate | prompt) of every label by one full forward of prompt + candidate, no cache, no batching."""
+    prompt = tok.encode(ex["prompt"], bos=True)
+    assert len(prompt) + 20 < max_len  # nothing truncated
+    ids = data.label_token_ids(tok, ex["labels"])
+    prefix = any(a != b and b[:len(a)] == a for a in ids.values() for b in ids.values())
+    out = {}
+    for label in ex["labels"]:
+        cand = ids[label] + [tok.eos_id] * prefix
+        with torch.no_grad():
+            logp = model(torch.tensor([prompt + cand])).log_softmax(-1)[0]
+        out[label] = sum(logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(cand))
+    return out
+
+
+@pytest.mark.parametrize("labels", [LABELS, ["sad", "sadness", "joy"]], ids=["meld", "prefix_labels"])
+def test_score_mode_picks_highest_log_probability(tiny, labels):
+    model, tok = tiny
+    exs = examples(labels)
+    rows = ev.predict(model, tok, exs, max_len=400, batch_size=4, progress=False)  # batches of unequal lengths
+    assert len({len(tok.encode(e["prompt"])) for e in exs}) > 1
+    for ex, row in zip(exs, rows):
+        ref = reference_scores(model, tok, ex, 400)
+        assert (row["dialogue_id"], row["utterance_id"], row["gold"]) == (ex["dialogue_id"], ex["utterance_id"],
+                                                                         ex["label"])
+        assert row["pred"] in labels and list(row["scores"]) == labels
+        assert row["scores"] == pytest.approx(ref, abs=1e-4)
+        assert row["pred"] == max(ref, key=ref.get)
+    assert any(max(r["scores"].values()) - min(r["scores"].values()) > 1.0 for r in rows)  # scores not all equal
+
+
+def test_generate_mode_counts_invalid_answers(tiny):
+    model, tok = tiny
+    exs = examples()
+    rows = ev.predict(model, tok, exs, max_len=400, generate=True, progress=False)
+    for ex, row in zip(exs, rows):
+        ids = tok.encode(ex["prompt"], bos=True)
+        new = []
+        with torch.no_grad():
+            for _ in range(8):  # greedy decoding by full forwards, written out independently
+                nxt = int(model(torch.tensor([ids + new]))[0, -1].argmax())
+                new.append(nxt)
+                if nxt == tok.eos_id:
+                    break
+        answer = tok.decode(new).strip()
+        assert row["pred"] == next((l for l in LABELS if l == answer.lower()), answer)
+        assert row["scores"] is None
+    m = ev.metrics([r["gold"] for r in rows], [r["pred"] for r in rows], LABELS)
+    invalid = [r["pred"] for r in rows if r["pred"] not in LABELS]
+    assert m["invalid"] == len(invalid) > 0  # a random model names no label, and that is never replaced
+    assert m["accuracy"] <= (len(rows) - len(invalid)) / len(rows)
+
+
+class Payload:
+    """Any class: pickling it into a checkpoint is what weights_only loading refuses."""
+
+
+def test_load_checkpoint_refuses_pickled_objects(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"config": {"model": "x"}, "lora": {}, "payload": Payload()}, path)
+    with pytest.raises(ValueError, match="evil.pt"):
+        ev.load_checkpoint(path)

@@ -1,0 +1,153 @@
+"""lora.py against the LoRA definition (Hu et al. 2021) and against peft's implementation (test-only reference)."""
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import llama
+import lora
+from helpers import make_checkpoint, maxdiff, tiny_model
+
+ALL = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+def tokens(B=2, T=17, seed=1):
+    return torch.randint(3, 512, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, lora.LoRALinear)]
+
+
+def randomize_b(model, seed=2, std=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_layers(model):
+            m.lora_B.copy_(std * torch.randn(m.lora_B.shape, generator=g))
+
+
+@torch.no_grad()
+def test_fresh_adapter_is_identity():
+    model = tiny_model()
+    x = tokens()
+    ref = model(x)
+    lora.apply_lora(model, ("wq", "wv", "w2"), r=4, lora_alpha=12, verbose=False)
+    assert torch.equal(model(x), ref)
+    layers = lora_layers(model)
+    assert len(layers) == 3 * model.args.n_layers
+    for m in layers:
+        out_f, in_f = m.weight.shape
+        assert m.lora_A.shape == (4, in_f) and m.lora_B.shape == (out_f, 4)
+        assert m.lora_A.abs().sum() > 0 and torch.equal(m.lora_B, torch.zeros_like(m.lora_B))
+        assert m.scale == 12 / 4
+    wq = model.layers[0].attention.wq
+    assert wq.weight.shape == (model.args.n_heads * model.args.head_dim, model.args.dim)
+    assert wq.lora_A.shape[1] == model.args.dim  # A: (r, in), B: (out, r), not transposed
+
+
+@torch.no_grad()
+def test_merge_equals_unmerged_and_unmerge_restores():
+    model = tiny_model()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    lora.apply_lora(model, ALL, r=4, lora_alpha=7, verbose=False)  # scale 1.75, not 1 or 2
+    randomize_b(model)
+    x = tokens()
+    unmerged = model(x)
+    assert maxdiff(unmerged, tiny_model()(x)) > 1e-2  # the update is not negligible
+    m = model.layers[1].feed_forward.w2
+    expect = m.weight + (m.lora_B @ m.lora_A) * 7 / 4  # the definition, written out here
+    lora.merge_all(model)
+    assert maxdiff(m.weight, expect) <= 1e-6
+    merged = model(x)
+    assert maxdiff(merged, unmerged) <= 1e-5
+    lora.merge_all(model)  # a second merge is a no-op
+    assert maxdiff(model(x), unmerged) <= 1e-5
+    lora.merge_all(model, merge=False)
+    for k, v in model.state_dict().items():
+        if k in base:
+            assert maxdiff(v, base[k]) <= 1e-6, k
+    assert maxdiff(model(x), unmerged) <= 1e-5
+
+
+@torch.no_grad()
+def test_merge_in_float32_on_bf16_base():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    w0 = lin.weight.clone()
+    m = lora.LoRALinear(lin, r=8, lora_alpha=3)
+    m.lora_B.copy_(1e-3 * torch.randn_like(m.lora_B))  # small updates: a bf16 merge would round many away
+    expect = (w0.float() + (m.lora_B @ m.lora_A) * 3 / 8).to(torch.bfloat16)
+    bf16_merge = w0 + ((m.lora_B @ m.lora_A) * 3 / 8).to(torch.bfloat16)
+    assert not torch.equal(expect, bf16_merge)  # the test can tell the two apart
+    m.merge()
+    assert m.weight.dtype == torch.bfloat16 and torch.equal(m.weight, expect)
+
+
+def test_only_lora_gets_gradients(capsys):
+    model = tiny_model().train()
+    lora.apply_lora(model, ("wq", "wk", "w3"), r=2, lora_alpha=4)
+    printed = capsys.readouterr().out
+    randomize_b(model)
+    model(tokens()).logsumexp(-1).mean().backward()
+    n_lora = 0
+    for name, p in model.named_parameters():
+        if name.endswith((".lora_A", ".lora_B")):
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+            n_lora += p.numel()
+        else:
+            assert not p.requires_grad and p.grad is None, name
+    expect = sum(m.lora_A.numel() + m.lora_B.numel() for m in lora_layers(model))
+    assert n_lora == expect
+    counts = [int(s.replace(",", "")) for s in re.findall(r"([\d,]+) trainable of ([\d,]+)", printed)[0]]
+    assert counts == [expect, sum(p.numel() for p in model.parameters())]
+
+
+@torch.no_grad()
+def test_matches_peft(tmp_path, shared_models):
+    peft = pytest.importorskip("peft")
+    hf = make_checkpoint(tmp_path, shared_models)
+    model, _ = llama.load(tmp_path)
+    r, alpha = 4, 10
+    ref = peft.get_peft_model(hf, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"],
+                                                  lora_dropout=0.0)).eval()
+    lora.apply_lora(model, ("wq", "wv"), r=r, lora_alpha=alpha, verbose=False)
+    randomize_b(model)
+    for i, layer in enumerate(model.layers):
+        for ours, theirs in (("wq", "q_proj"), ("wv", "v_proj")):
+            m, p = getattr(layer.attention, ours), getattr(ref.base_model.model.model.layers[i].self_attn, theirs)
+            p.lora_A["default"].weight.copy_(m.lora_A)
+            p.lora_B["default"].weight.copy_(m.lora_B)
+            assert p.scaling["default"] == m.scale
+    x = tokens()
+    expect = ref(x).logits
+    with ref.disable_adapter():
+        assert maxdiff(ref(x).logits, expect) > 1e-2  # the adapter matters
+    assert maxdiff(model(x), expect) <= 1e-5
+
+
+def test_dropout_on_lora_branch_only():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 24, bias=False)
+    m = lora.LoRALinear(lin, r=4, lora_alpha=8, dropout=0.5).train()
+    x = torch.randn(3, 5, 32)
+    base = F.linear(x, lin.weight)
+    assert torch.equal(m(x), base)  # B = 0: dropout must not touch the base path
+    with torch.no_grad():
+        m.lora_B.normal_()
+    torch.manual_seed(7)
+    y = m(x)
+    torch.manual_seed(7)
+    dropped = F.dropout(x, 0.5, training=True)  # the same mask, drawn from the same generator state
+    assert maxdiff(y, base + dropped @ m.lora_A.T @ m.lora_B.T * 2) <= 1e-5
+    assert maxdiff(m(x), y) > 0  # train mode draws new masks
+    m.eval()
+    with torch.no_grad():
+        y1, y2 = m(x), m(x)
+    assert torch.equal(y1, y2) and maxdiff(y1, base + x @ m.lora_A.T @ m.lora_B.T * 2) <= 1e-5
+
+
+def test_unknown_target_raises():
+    with pytest.raises(ValueError, match="q_proj"):
+        lora.apply_lora(tiny_model(), ("wq", "q_proj"), verbose=False)

@@ -1,0 +1,230 @@
+"""train.py: answer-only loss masks, the lr schedule, length-grouped batches, gradient checkpointing and
+accumulation, overfitting a tiny batch, and a 2-step end-to-end run whose checkpoint eval.py rebuilds."""
+import json
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import eval as ev
+import lora
+import train
+from helpers import make_checkpoint, maxdiff, tiny_model
+
+ALL = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+def lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def random_encoded(n, seed=0, eos=2):
+    """n (ids, n_answer) pairs of different lengths and answer lengths, ending in EOS, like data.encode_example."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        n_answer = rng.randint(2, 6)
+        out.append(([1] + [rng.randrange(3, 512) for _ in range(rng.randint(5, 30) + n_answer - 1)] + [eos], n_answer))
+    return out
+
+
+# ---------------------------------------------------------------- loss masks
+
+def test_collate_marks_answer_positions_and_keeps_eos_when_pad_is_eos():
+    eos = pad = 2
+    encoded = [([1, 10, 11, 12, 40, 41, eos], 3), ([1, 20, 50, eos], 2), ([1, 30, 31, 32, 33, 60, eos], 2)]
+    x, where, targets = train.collate(encoded, pad, "cpu")
+    assert x.tolist() == [[1, 10, 11, 12, 40, 41, eos], [1, 20, 50, eos, pad, pad, pad], [1, 30, 31, 32, 33, 60, eos]]
+    # position t is marked when token t + 1 is an answer token (label ids + EOS)
+    assert where.tolist() == [[False, False, False, True, True, True, False],
+                              [False, True, True, False, False, False, False],
+                              [False, False, False, False, True, True, False]]
+    assert targets.tolist() == [40, 41, eos, 50, eos, 60, eos]  # every real EOS is a target, no padding is
+
+
+def test_collate_targets_are_label_ids_and_eos(tmp_path, shared_models):
+    make_checkpoint(tmp_path, shared_models)
+    tok = train.llama.load_tokenizer(tmp_path)
+    assert tok.pad_id == tok.eos_id  # tok512 has no pad: the trap case
+    exs = ev_examples()
+    encoded = [data.encode_example(tok, e, 256) for e in exs]
+    x, where, targets = train.collate(encoded, tok.pad_id, "cpu")
+    expect = [t for e in exs for t in data.label_token_ids(tok, [e["label"]])[e["label"]] + [tok.eos_id]]
+    assert targets.tolist() == expect
+    assert where.sum() == sum(n for _, n in encoded)
+
+
+def ev_examples(n=6):
+    rng = random.Random(0)
+    labels = data.LABELS["meld"]
+    dialogue = [dict(dataset="meld", split="train", dialogue_id=3, utterance_id=i, speaker="Monica",
+                     text="so " * rng.randint(1, 9) + "what", label=labels[i % len(labels)]) for i in range(n)]
+    return data.build_examples([dialogue], window=2)
+
+
+# ---------------------------------------------------------------- schedule and batches
+
+def test_get_lr_warmup_and_cosine():
+    lr, warmup, total = 1e-3, 10, 110
+    assert train.get_lr(0, total, lr, warmup) == pytest.approx(1e-4)  # lr / warmup
+    assert train.get_lr(4, total, lr, warmup) == pytest.approx(5e-4)  # linear
+    assert train.get_lr(9, total, lr, warmup) == pytest.approx(1e-3)
+    assert train.get_lr(10, total, lr, warmup) == pytest.approx(1e-3)  # peak at step warmup
+    # cosine from lr to lr/10 over 100 steps: lr * (0.1 + 0.45 * (1 + cos(pi * progress)))
+    assert train.get_lr(35, total, lr, warmup) == pytest.approx(1e-3 * (0.1 + 0.45 * 1.7071067811865475))
+    assert train.get_lr(60, total, lr, warmup) == pytest.approx(0.55e-3)
+    assert train.get_lr(85, total, lr, warmup) == pytest.approx(1e-3 * (0.1 + 0.45 * 0.2928932188134524))
+    assert train.get_lr(110, total, lr, warmup) == pytest.approx(1e-4)
+    lrs = [train.get_lr(s, total, lr, warmup) for s in range(total)]
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def pad_fraction(batches, lengths):
+    return sum(1 - sum(lengths[i] for i in b) / (len(b) * max(lengths[i] for i in b)) for b in batches) / len(batches)
+
+
+def test_make_batches_cover_once_deterministic_and_length_grouped():
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 256) for _ in range(1001)]
+    batches = train.make_batches(lengths, 8, seed=3)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))
+    assert all(len(b) == 8 for b in batches[:-1]) or sum(len(b) < 8 for b in batches) == 1
+    assert batches == train.make_batches(lengths, 8, seed=3)
+    assert batches != train.make_batches(lengths, 8, seed=4)
+    shuffled = list(range(len(lengths)))
+    rng.shuffle(shuffled)
+    random_batches = [shuffled[s:s + 8] for s in range(0, len(shuffled), 8)]
+    grouped, rand = pad_fraction(batches, lengths), pad_fraction(random_batches, lengths)
+    assert grouped < 0.2 * rand, (grouped, rand)
+    firsts = [min(b) for b in batches[:20]]
+    assert firsts != sorted(firsts)  # the batches themselves are shuffled
+
+
+# ---------------------------------------------------------------- gradients
+
+def lora_model(targets=ALL, r=4, seed=0):
+    model = tiny_model(seed)
+    lora.apply_lora(model, targets, r=r, lora_alpha=2 * r, verbose=False)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".lora_B"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))  # so A gets gradients too
+    return model.train()
+
+
+def step_loss(model, encoded, n_answer):
+    """The loss exactly as train.main computes it for one micro-batch."""
+    x, where, targets = train.collate(encoded, 2, "cpu")
+    return F.cross_entropy(model(x, logits_at=where), targets, reduction="sum") / n_answer
+
+
+def test_gradient_checkpointing_same_lora_gradients():
+    encoded = random_encoded(3)
+    model = lora_model()
+    assert not model.tok_embeddings.weight.requires_grad  # frozen embedding: the reentrant-checkpoint trap
+    step_loss(model, encoded, 10).backward()
+    plain = lora_grads(model)
+    model.zero_grad(set_to_none=True)
+    model.checkpointing = True
+    step_loss(model, encoded, 10).backward()
+    ckpt = lora_grads(model)
+    assert plain.keys() == ckpt.keys() and len(ckpt) == 2 * len(ALL) * model.args.n_layers
+    for n in plain:
+        assert ckpt[n].abs().sum() > 0, n
+        assert maxdiff(ckpt[n], plain[n]) <= 1e-6, n
+
+
+def test_gradient_accumulation_equals_one_batch():
+    encoded = random_encoded(4, seed=1)
+    n_answer = sum(n for _, n in encoded)
+    model = lora_model()
+    big = step_loss(model, encoded, n_answer)
+    big.backward()
+    one = lora_grads(model)
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for micro in (encoded[:2], encoded[2:]):  # normalised by the whole step's answer tokens, as train.main does
+        loss = step_loss(model, micro, n_answer)
+        loss.backward()
+        total += loss.item()
+    acc = lora_grads(model)
+    for n in one:
+        assert maxdiff(acc[n], one[n]) <= 1e-6, n
+    # and the loss is the mean over answer tokens of -log p, each sequence run alone without padding
+    with torch.no_grad():
+        ref = 0.0
+        for ids, k in encoded:
+            logp = model(torch.tensor([ids])).log_softmax(-1)[0]
+            ref -= sum(logp[t - 1, ids[t]].item() for t in range(len(ids) - k, len(ids)))
+    assert total == pytest.approx(ref / n_answer, abs=1e-5) and big.item() == pytest.approx(ref / n_answer, abs=1e-5)
+
+
+def test_tiny_model_overfits_real_meld_prompts(tmp_path, shared_models, data_dir):
+    make_checkpoint(tmp_path, shared_models)
+    tok = train.llama.load_tokenizer(tmp_path)
+    exs = data.build_examples(data.load_split("meld", "dev", data_dir), window=1)
+    exs = random.Random(0).sample(exs, 16)
+    assert len({e["label"] for e in exs}) >= 3
+    encoded = [data.encode_example(tok, e, 256) for e in exs]
+    n_answer = sum(n for _, n in encoded)
+    model = tiny_model(seed=1)
+    with torch.no_grad():  # the frozen head bounds the logit margin: widen it so near-zero loss is reachable
+        model.output.weight.mul_(4)
+    lora.apply_lora(model, ALL, r=16, lora_alpha=16, verbose=False)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    losses = []
+    for _ in range(40):
+        loss = step_loss(model, encoded, n_answer)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[0] > 2.0 and losses[-1] < 0.05, losses[::10] + losses[-1:]
+
+
+# ---------------------------------------------------------------- end to end
+
+HF = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
+      "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
+
+
+def test_main_end_to_end_and_checkpoint_reload(tmp_path, shared_models, data_dir):
+    folder, out = tmp_path / "model", tmp_path / "run"
+    hf = make_checkpoint(folder, shared_models)
+    train.main(["--model", str(folder), "--data", "meld", "--data-dir", str(data_dir), "--max-steps", "2",
+                "--dev-limit", "8", "--out", str(out), "--batch-size", "2", "--grad-accum", "2", "--window", "1",
+                "--warmup", "1", "--lr", "1e-2", "--max-len", "1024", "--device", "cpu"])
+    assert (out / "ckpt.pt").exists() and (out / "ckpt_last.pt").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert {"step", "loss", "lr", "tokens_per_s"} <= r.keys() and math.isfinite(r["loss"]) and r["loss"] > 0
+        assert r["tokens_per_s"] > 0
+    assert rows[0]["lr"] == pytest.approx(1e-2)  # warmup 1: step 0 at the peak
+    assert 0.0 <= rows[-1]["dev_weighted_f1"] <= 1.0
+    assert not any(f.suffix == ".tmp" for f in out.iterdir())
+
+    model, tok, ckpt = ev.load_checkpoint(out / "ckpt.pt")
+    assert ckpt["step"] == 2 and ckpt["config"]["r"] == 16
+    assert torch.load(out / "ckpt_last.pt", weights_only=True)["step"] == 2
+    # reference: the transformers model with B A * lora_alpha / r added to its weights, from the saved tensors
+    scale = ckpt["config"]["lora_alpha"] / ckpt["config"]["r"]
+    params = dict(hf.named_parameters())
+    n = 0
+    with torch.no_grad():
+        for key, a in ckpt["lora"].items():
+            if key.endswith(".lora_A"):
+                _, i, _, name, _ = key.split(".")
+                delta = (ckpt["lora"][key[:-1] + "B"] @ a) * scale
+                n += delta.abs().max() > 0
+                params[f"model.layers.{i}.{HF[name]}.weight"].add_(delta)
+    assert n == len(ALL) * hf.config.num_hidden_layers  # every adapter moved in 2 steps
+    x = torch.tensor([tok.encode("Ross: We were on a break!\n### Response:\n", bos=True)])
+    with torch.no_grad():
+        assert maxdiff(model(x), hf(x).logits) <= 1e-4
