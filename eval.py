@@ -146,18 +146,12 @@ def load_checkpoint(path, device="cpu", dtype=None):
 
     Loaded with torch.load(weights_only=True): a checkpoint holding arbitrary pickled objects is refused.
     """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError for a payload that is not plain tensors and containers
-        raise ValueError(f"{path}: not a safe DialogueLLM checkpoint ({type(e).__name__}: {e})") from None
+    ckpt = lora.read_checkpoint(path)
     cfg = ckpt["config"]
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
     model, tok = llama.load(cfg["model"], device=device, dtype=dtype)
     lora.apply_lora(model, cfg["targets"].split(","), cfg["r"], cfg["lora_alpha"], verbose=False)
-    missing, unexpected = model.load_state_dict(ckpt["lora"], strict=False)
-    missing = [k for k in missing if k.endswith((".lora_A", ".lora_B"))]
-    if missing or unexpected:
-        raise KeyError(f"{path}: adapter does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    lora.load_lora_state_dict(model, ckpt["lora"], path)
     lora.merge_all(model)  # inference only: fold B A into the base weights, one matmul per layer
     return model.to(device).eval(), tok, ckpt
 
@@ -169,60 +163,71 @@ def main():
     p.add_argument("--split", default="test")
     p.add_argument("--data-dir")
     p.add_argument("--limit", type=int, help="first N utterances only")
-    p.add_argument("--descriptions", help="video descriptions JSONL merged into the prompts")
+    p.add_argument("--descriptions", help="video descriptions JSONL merged into the prompts; the utterances that have "
+                   "one are also scored without it, as a with/without comparison")
     p.add_argument("--generate", action="store_true", help="greedy decoding instead of label scoring")
     p.add_argument("--no-calibration", action="store_true", help="ignore the label offsets fitted on dev")
     p.add_argument("--zero-shot", action="store_true", help="the base model with no adapter")
     p.add_argument("--model", default="default", help="base model for --zero-shot")
     p.add_argument("--window", type=int, default=2, help="context window for --zero-shot")
-    p.add_argument("--max-len", type=int, default=256, help="max prompt+answer tokens for --zero-shot")
+    p.add_argument("--max-len", type=int, help="max prompt+answer tokens (default: the checkpoint's, or 256)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", help="output folder (default: beside the checkpoint)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
     if a.zero_shot:
-        dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
-        model, tok = llama.load(a.model, device=a.device, dtype=dtype)
-        cfg, out = {"data": a.data or "meld", "window": a.window, "max_len": a.max_len}, Path(a.out or "runs/zero-shot")
-        ckpt = {}
+        model, tok = llama.load(a.model, device=a.device, dtype=torch.bfloat16 if "cuda" in a.device else torch.float32)
+        cfg, ckpt, out = {"data": "meld", "window": a.window, "max_len": 256}, {}, Path(a.out or "runs/zero-shot")
     elif a.ckpt:
         model, tok, ckpt = load_checkpoint(a.ckpt, a.device)
         cfg, out = ckpt["config"], Path(a.out or Path(a.ckpt).parent)
     else:
         p.error("give a checkpoint, or --zero-shot")
-    names = data.datasets_for(a.data or cfg["data"], a.data_dir)
-    descriptions = data.load_descriptions(a.descriptions) if a.descriptions else None
-    examples = []
-    for name in names:
-        examples += data.build_examples(data.load_split(name, a.split, a.data_dir), cfg["window"], descriptions)
-    examples = examples[:a.limit] if a.limit else examples
-    print(f"{len(examples)} utterances of {','.join(names)} {a.split}"
-          + (f"; {sum(e['has_description'] for e in examples)} with a video description" if descriptions else ""))
+    max_len = a.max_len or cfg["max_len"]
+    bias = None if a.generate or a.no_calibration else ckpt.get("label_bias")  # offsets fitted on dev by train.py
+
+    def run(descriptions, keep=None):
+        examples = []
+        for name in data.datasets_for(a.data or cfg["data"], a.data_dir):
+            examples += data.build_examples(data.load_split(name, a.split, a.data_dir), cfg["window"], descriptions)
+        examples = [e for e in examples if keep is None or keep(e)][:a.limit]
+        rows = predict(model, tok, examples, max_len, a.batch_size, a.generate)
+        raw = {k: v["weighted_f1"] for k, v in report(rows).items()}
+        if bias:
+            calibrate(rows, bias)
+        return examples, rows, dict(report(rows), uncalibrated_weighted_f1=raw)
+
     t0 = time.time()
-    rows = predict(model, tok, examples, cfg["max_len"], a.batch_size, a.generate)
-    res = report(rows)
-    bias = ckpt.get("label_bias")
-    if bias and not a.generate and not a.no_calibration:  # offsets fitted on dev by train.py
-        raw = {k: v["weighted_f1"] for k, v in res.items()}
-        calibrate(rows, bias)
-        res = report(rows)
-        res["uncalibrated_weighted_f1"] = raw
-        print("without the dev-fitted label offsets: weighted F1 "
-              + ", ".join(f"{k} {100 * v:.2f}" for k, v in raw.items()))
+    descriptions = data.load_descriptions(a.descriptions) if a.descriptions else None
+    examples, rows, res = run(descriptions)
     res["seconds"] = round(time.time() - t0, 1)
-    res["with_description"] = sum(e["has_description"] for e in examples)
+    if descriptions:
+        keys = {(e["dataset"], e["dialogue_id"], e["utterance_id"]) for e in examples if e["has_description"]}
+        with_desc = [r for r in rows if (r["dataset"], r["dialogue_id"], r["utterance_id"]) in keys]
+        _, _, without = run(None, lambda e: (e["dataset"], e["dialogue_id"], e["utterance_id"]) in keys)
+        res["described_utterances"] = {"n": len(keys), "with_description": report(with_desc), "without": without}
     out = out / f"eval-{a.split}{'-generate' if a.generate else ''}{'-descriptions' if descriptions else ''}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(res, indent=1))
     with open(out / "predictions.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    for name, m in res.items():
-        if isinstance(m, dict) and "weighted_f1" in m:
-            print(f"{name:>9} {a.split}: weighted F1 {100 * m['weighted_f1']:.2f}  accuracy {100 * m['accuracy']:.2f}  "
-                  f"macro F1 {100 * m['macro_f1']:.2f}  invalid {m['invalid']}  n={m['n']}")
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    def show(title, res):
+        for name, m in res.items():
+            if isinstance(m, dict) and "weighted_f1" in m:
+                print(f"{title}{name} {a.split}: weighted F1 {100 * m['weighted_f1']:.2f}  accuracy "
+                      f"{100 * m['accuracy']:.2f}  macro F1 {100 * m['macro_f1']:.2f}  invalid {m['invalid']}  n={m['n']}")
+    show("", res)
+    if bias:
+        print("  without the dev-fitted label offsets: weighted F1 "
+              + ", ".join(f"{k} {100 * v:.2f}" for k, v in res["uncalibrated_weighted_f1"].items()))
+    if descriptions:
+        d = res["described_utterances"]
+        print(f"{d['n']} utterances have a video description:")
+        show("  with it:    ", d["with_description"])
+        show("  without it: ", d["without"])
     print("predicted:", dict(Counter(r["pred"] for r in rows).most_common()))
-    print(f"wrote {out}/metrics.json and predictions.jsonl")
+    print(f"wrote {out}/metrics.json and predictions.jsonl ({res['seconds']} s)")
 
 
 if __name__ == "__main__":

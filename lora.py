@@ -85,6 +85,25 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
 
 
+def read_checkpoint(path) -> dict:
+    """A train.py checkpoint as a dict (adapter under "lora", run config under "config", ...), on CPU.
+
+    Loaded with torch.load(weights_only=True): a file holding arbitrary pickled objects is refused with a
+    ValueError naming it, since unpickling them could run code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for a payload that is not plain tensors and containers
+        raise ValueError(f"{path}: not a safe DialogueLLM checkpoint ({type(e).__name__}: {e})") from None
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where) -> None:
+    """Load adapter tensors into a model that has had apply_lora; KeyError naming `where` unless they match."""
+    missing, unexpected = model.load_state_dict(state, strict=False)  # the frozen base weights are not in `state`
+    missing = [k for k in missing if k.endswith((".lora_A", ".lora_B"))]
+    if missing or unexpected:
+        raise KeyError(f"{where}: adapter does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
 def merge_all(model: nn.Module, merge: bool = True):
     """Merge (or unmerge) every LoRALinear of the model."""
     for m in model.modules():

@@ -3,6 +3,9 @@
     python train.py --data meld                      # embedded SmolLM2-135M, CPU recipe
     python train.py --data meld --model /path/Llama-2-7b-hf   # on a GPU: the paper's recipe
     torchrun --nproc_per_node 2 train.py ...          # data-parallel
+    python train.py --dry-run --model DIR --gpu-mem 24    # the memory the run needs, from config.json alone
+    python train.py --resume runs/meld/ckpt_last.pt       # continue a stopped run exactly
+    python train.py --export-peft DIR --from runs/meld/ckpt.pt    # or --export-merged DIR: a full HF checkpoint
 
 Every default lives once, in Config; fields left None are filled from RECIPES by device (see README).
 """
@@ -11,6 +14,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -23,7 +27,7 @@ from tqdm import tqdm
 import data
 import llama
 import lora
-from eval import calibrate, predict, report
+from eval import calibrate, load_checkpoint, predict, report
 
 
 @dataclass
@@ -107,6 +111,43 @@ def atomic_save(obj, path: Path):
     os.replace(tmp, path)
 
 
+def memory_plan(args: llama.ModelArgs, cfg: Config) -> list[tuple[str, int]]:
+    """Peak memory of a training run in bytes, by term, from the model's ModelArgs alone (no weights loaded).
+
+    Counts the tensors autograd keeps for backward in our Block and LoRALinear, for one micro-batch of
+    batch_size sequences padded to max_len (the worst case). Base weights and activations are bf16 on CUDA
+    (autocast), float32 on CPU; LoRA weights, their gradients and AdamW's two moments are float32.
+    """
+    cuda = cfg.device.startswith("cuda")
+    a = 2 if cuda else 4  # bytes per base weight and per activation
+    C, F_, H, V = args.dim, args.hidden_dim, args.n_heads, args.vocab_size
+    Q, KV, tokens, targets = H * args.head_dim, args.n_kv_heads * args.head_dim, cfg.batch_size * cfg.max_len, \
+        cfg.targets.split(",")
+    io = dict(wq=(C, Q), wk=(C, KV), wv=(C, KV), wo=(Q, C), w1=(C, F_), w3=(C, F_), w2=(F_, C))  # (in, out)
+    n_base = args.n_layers * (sum(i * o for i, o in io.values()) + 2 * C) + V * C * (2 - args.tie_embeddings) + C
+    n_lora = args.n_layers * sum(cfg.r * sum(io[t]) for t in targets)
+    # Saved per token by one block: each RMSNorm's input in float32 (on CUDA a float32 copy of the bf16 stream);
+    # SDPA's q, k (after rotary), v, output and a float32 log-sum-exp per head (flash kernels: no (T, T) matrix);
+    # the feed-forward's w1 x, silu(w1 x) and w3 x.
+    block = 2 * 4 * C + a * (2 * Q + 2 * KV + 3 * F_) + 4 * H
+    # LoRA keeps the input of each adapter and its (T, r) middle. With dropout each adapter keeps its own dropped
+    # copy plus the mask (bool on CUDA; on CPU ATen's dropout multiplies by a float mask); without dropout,
+    # adapters reading the same tensor (wq, wk, wv; w1, w3) share it.
+    share = dict(wq="wq", wk="wq", wv="wq", wo="wo", w1="w1", w3="w1", w2="w2")
+    kept = targets if cfg.dropout > 0 else {share[t] for t in targets}
+    block += sum((a + (cfg.dropout > 0) * (1 if cuda else a)) * io[t][0] for t in kept) + a * cfg.r * len(targets)
+    act = args.n_layers * tokens * block
+    if cfg.grad_ckpt:  # checkpointing keeps only each block's input; backward recomputes one block at a time
+        act = args.n_layers * tokens * a * C + tokens * block
+    return [(f"base weights ({n_base / 1e9:.2f}B parameters, {'bf16' if cuda else 'float32'})", a * n_base),
+            (f"LoRA ({n_lora / 1e6:.2f}M parameters): weights, gradients, AdamW moments", 16 * n_lora),
+            (f"activations ({'checkpointed ' if cfg.grad_ckpt else ''}{cfg.batch_size} x {cfg.max_len} tokens)", act),
+            ("backward: gradients in flight through one block", tokens * a * (3 * F_ + 2 * C)),
+            # the head runs only where the loss is taken, ~4 answer tokens a sequence: logits, log-softmax, grads
+            ("logits (N answer positions, vocab) float32", cfg.batch_size * 4 * V * 16)] \
+        + [("CUDA context and allocator slack (estimate)", 2 ** 30)] * cuda
+
+
 def parse_config(argv=None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in fields(Config):
@@ -114,7 +155,12 @@ def parse_config(argv=None) -> Config:
         kind = (lambda s: s.lower() in ("1", "true", "yes")) if "bool" in t else int if "int" in t else \
             float if "float" in t else str
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
-    p.add_argument("--resume", help="ckpt_last.pt to continue from")
+    p.add_argument("--resume", help="ckpt_last.pt to continue from, with its saved config (other flags ignored)")
+    p.add_argument("--dry-run", action="store_true", help="print the memory plan (memory_plan) and exit")
+    p.add_argument("--gpu-mem", type=float, help="with --dry-run: say whether the plan fits this many GiB")
+    p.add_argument("--export-peft", metavar="DIR", help="write the adapter of --from as a Hugging Face peft adapter")
+    p.add_argument("--export-merged", metavar="DIR", help="write --from merged into a full Hugging Face checkpoint")
+    p.add_argument("--from", dest="src", metavar="CKPT", help="the checkpoint to export")
     a = p.parse_args(argv)
     cfg = Config(**{f.name: getattr(a, f.name) for f in fields(Config)})
     for k, v in RECIPES["cuda" if cfg.device.startswith("cuda") else "cpu"].items():
@@ -122,12 +168,68 @@ def parse_config(argv=None) -> Config:
             setattr(cfg, k, v)
     if cfg.model != "default":
         cfg.model = str(Path(cfg.model).resolve())
-    return cfg, a.resume
+    return cfg, a
+
+
+def print_plan(cfg: Config, gpu_mem: float | None = None):
+    """Print memory_plan for cfg.model's config.json, in GiB, and whether it fits gpu_mem GiB."""
+    folder = llama.default_model_dir() if cfg.model == "default" else Path(cfg.model)
+    terms = memory_plan(llama.ModelArgs.from_hf(json.loads((folder / "config.json").read_text())), cfg)
+    print(f"memory plan: {folder.name} on {cfg.device}, LoRA r={cfg.r} on {cfg.targets}, batch {cfg.batch_size} "
+          f"x {cfg.max_len} tokens, dropout {cfg.dropout}, grad_ckpt {cfg.grad_ckpt}")
+    for name, b in terms:
+        print(f"  {b / 2 ** 30:8.3f} GiB  {name}")
+    total = sum(b for _, b in terms) / 2 ** 30
+    print(f"  {total:8.3f} GiB  total" + ("" if gpu_mem is None else
+                                           f": {'fits' if total <= gpu_mem else 'does NOT fit'} in {gpu_mem} GiB"))
+
+
+def export(src, peft_dir=None, merged_dir=None):
+    """Write a train.py checkpoint for Hugging Face: a peft LoRA adapter (adapter_model.safetensors +
+    adapter_config.json, loadable with peft's PeftModel.from_pretrained on LlamaForCausalLM) and/or a full
+    checkpoint with the adapter merged in float32 and cast to the base dtype (config.json, model.safetensors and
+    the tokenizer files of the base model). Names follow llama.ours_to_hf."""
+    from safetensors.torch import save_file
+    ckpt = lora.read_checkpoint(src)
+    cfg = ckpt["config"]
+    base = llama.default_model_dir() if cfg["model"] == "default" else Path(cfg["model"])
+    if peft_dir:  # peft's names: base_model.model.<HF module>.lora_A.weight, A (r, in) and B (out, r) as ours
+        Path(peft_dir).mkdir(parents=True, exist_ok=True)
+        save_file({f"base_model.model.{llama.ours_to_hf(k)}.weight": v.contiguous() for k, v in ckpt["lora"].items()},
+                  Path(peft_dir) / "adapter_model.safetensors", metadata={"format": "pt"})
+        modules = [hf.split(".")[1] for ours, hf in llama.HF_NAMES.items() if ours.split(".")[-1] in cfg["targets"].split(",")]
+        (Path(peft_dir) / "adapter_config.json").write_text(json.dumps(dict(
+            peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=str(base), r=cfg["r"],
+            lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["dropout"], target_modules=modules, bias="none",
+            fan_in_fan_out=False, inference_mode=True), indent=2))
+    if merged_dir:
+        hf_cfg = json.loads((base / "config.json").read_text())
+        dtype = getattr(torch, hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32")
+        model, _, _ = load_checkpoint(src, dtype=dtype)  # LoRALinear.merge: in float32, cast back to dtype
+        tied = model.args.tie_embeddings
+        state = {llama.ours_to_hf(k): v.contiguous() for k, v in model.state_dict().items()
+                 if not k.endswith((".lora_A", ".lora_B")) and not (tied and k == "output.weight")}
+        Path(merged_dir).mkdir(parents=True, exist_ok=True)
+        save_file(state, Path(merged_dir) / "model.safetensors", metadata={"format": "pt"})
+        for f in ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json"):
+            if (base / f).exists():
+                shutil.copy(base / f, Path(merged_dir) / f)
 
 
 def main(argv=None):
-    cfg, resume = parse_config(argv)
+    cfg, a = parse_config(argv)
+    if a.dry_run:
+        return print_plan(cfg, a.gpu_mem)
+    if a.export_peft or a.export_merged:
+        return export(a.src, a.export_peft, a.export_merged)
+    state = lora.read_checkpoint(a.resume) if a.resume else None
+    if state:  # a resumed run is the saved run: same config, so the same batches and schedule
+        cfg = Config(**state["config"])
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if cfg.grad_accum % world:
+        raise ValueError(f"grad_accum {cfg.grad_accum} must be a multiple of the {world} processes, so the "
+                         f"global batch is the same as in one process")
     if world > 1:
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
         if cfg.device.startswith("cuda"):
@@ -161,14 +263,15 @@ def main(argv=None):
         f"{total} steps; mean length {sum(lengths) / len(lengths):.0f} tokens")
 
     step, best = 0, -1.0
-    if resume:
-        state = torch.load(resume, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["lora"], strict=False)
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        step, best = state["step"], state["best"]
-        log(f"resumed from {resume} at step {step}")
     out.mkdir(parents=True, exist_ok=True)
+    if state:  # lr and dropout masks are functions of the step, and the batches of (seed, step): no RNG state
+        lora.load_lora_state_dict(model, state["lora"], a.resume)
+        opt.load_state_dict(state["optimizer"])
+        step, best = state["step"], state["best"]
+        if main_proc and (out / "metrics.jsonl").exists():  # drop rows a killed run logged after its checkpoint
+            rows = (out / "metrics.jsonl").read_text().splitlines()
+            (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= step))
+        log(f"resumed from {a.resume} at step {step}")
     meta = dict(config=asdict(cfg), model_args=asdict(model.args), labels={n: data.LABELS[n] for n in names})
 
     def save(path, **extra):
@@ -201,8 +304,9 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         loss_sum = torch.zeros((), device=cfg.device)
-        for b in batches[rank::world]:
-            x, where, targets = collate([encoded[i] for i in b], tok.pad_id, cfg.device)
+        for j in range(rank, len(batches), world):  # this process's share of the step's micro-batches
+            torch.manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + j)  # LoRA dropout: same in any world
+            x, where, targets = collate([encoded[i] for i in batches[j]], tok.pad_id, cfg.device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 logits = model(x, logits_at=where)  # (N, vocab): the head only where the loss is taken
             loss = F.cross_entropy(logits, targets, reduction="sum") / n_answer
@@ -214,8 +318,8 @@ def main(argv=None):
                 dist.all_reduce(p_.grad)
             dist.all_reduce(loss_sum)
         if not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"loss is {loss_sum.item()} at step {step}; the last good checkpoint is "
-                                     f"{out / 'ckpt_last.pt'}")
+            raise FloatingPointError(f"loss is {loss_sum.item()} at step {step + 1}; stopped, keeping the last good "
+                                     f"checkpoint {out / 'ckpt_last.pt'}")
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -238,7 +342,7 @@ def main(argv=None):
             metrics_log.write(json.dumps(row) + "\n")
             metrics_log.flush()
         if step % cfg.save_every == 0 or step == total:
-            save("ckpt_last.pt", optimizer=opt.state_dict(), rng=torch.get_rng_state())
+            save("ckpt_last.pt", optimizer=opt.state_dict())
     bar.close()
     log(f"done: best dev weighted F1 {100 * best:.2f}; adapter in {out / 'ckpt.pt'}")
     if world > 1:

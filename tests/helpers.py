@@ -44,3 +44,25 @@ def tiny_model(seed: int = 0, **overrides):
 
 def maxdiff(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+MELD_COLUMNS = "Sr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID,Season,Episode,StartTime,EndTime"
+
+
+def make_meld(data_dir: Path, n_dialogues: int = 6, n_utterances: int = 4, seed: int = 0, text=None, label=None):
+    """Write a small synthetic MELD (train/dev/test CSVs in MELD's format) under data_dir/meld; returns data_dir.
+    Utterances are random words and labels unless `text` / `label` fix them (then every prompt has one length)."""
+    import random
+    import data
+    rng = random.Random(seed)
+    words = "so what we were on a break you are my lobster how you doing pivot".split()
+    (data_dir / "meld").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "dev", "test"):
+        lines = [MELD_COLUMNS]
+        for d in range(n_dialogues):
+            for u in range(n_utterances):
+                t = text or " ".join(rng.choice(words) for _ in range(rng.randint(2, 12)))
+                lines.append(f"{len(lines)},{t},Speaker{u % 2},{label or rng.choice(data.LABELS['meld'])},neutral,"
+                             f"{d},{u},1,1,\"00:00:01,000\",\"00:00:02,000\"")
+        (data_dir / "meld" / f"{split}_sent_emo.csv").write_text("\n".join(lines) + "\n")
+    return data_dir
