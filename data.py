@@ -105,9 +105,14 @@ def _utt(dataset, split, dialogue_id, utterance_id, speaker, text, label) -> dic
 def fetch_meld(path: Path) -> None:
     """Download one MELD CSV from the pinned GitHub commit to `path`, verify its sha256, write atomically.
 
-    Raises ValueError on a checksum mismatch (nothing is written)."""
-    with urllib.request.urlopen(MELD_URL + path.name, timeout=60) as r:
-        blob = r.read()
+    Raises ValueError on a checksum mismatch and ConnectionError when offline (nothing is written)."""
+    print(f"{path} is missing: downloading it from {MELD_URL + path.name}")
+    try:
+        with urllib.request.urlopen(MELD_URL + path.name, timeout=60) as r:
+            blob = r.read()
+    except OSError as e:
+        raise ConnectionError(f"could not download {path.name} ({e}); put the MELD CSVs in {path.parent}, "
+                              "or point --data-dir / $DIALOGUELLM_DATA at a folder holding meld/") from None
     got = hashlib.sha256(blob).hexdigest()
     if got != MELD_SHA256[path.name]:
         raise ValueError(f"{MELD_URL + path.name}: sha256 {got}, expected {MELD_SHA256[path.name]}")

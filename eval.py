@@ -165,6 +165,7 @@ def main():
     p.add_argument("--limit", type=int, help="first N utterances only")
     p.add_argument("--descriptions", help="video descriptions JSONL merged into the prompts; the utterances that have "
                    "one are also scored without it, as a with/without comparison")
+    p.add_argument("--described-only", action="store_true", help="only the utterances that have a description")
     p.add_argument("--generate", action="store_true", help="greedy decoding instead of label scoring")
     p.add_argument("--no-calibration", action="store_true", help="ignore the label offsets fitted on dev")
     p.add_argument("--zero-shot", action="store_true", help="the base model with no adapter")
@@ -199,7 +200,7 @@ def main():
 
     t0 = time.time()
     descriptions = data.load_descriptions(a.descriptions) if a.descriptions else None
-    examples, rows, res = run(descriptions)
+    examples, rows, res = run(descriptions, (lambda e: e["has_description"]) if a.described_only else None)
     res["seconds"] = round(time.time() - t0, 1)
     if descriptions:
         keys = {(e["dataset"], e["dialogue_id"], e["utterance_id"]) for e in examples if e["has_description"]}
