@@ -1,0 +1,350 @@
+"""Speed and memory of our stack, measured side by side with transformers + peft (issue 7).
+
+    python bench.py train   # one LoRA training step: ours vs LlamaForCausalLM + peft (same model, batch, LoRA)
+    python bench.py eval    # label scoring with a shared prompt cache vs one forward per label vs greedy decoding
+    python bench.py load    # load time and peak memory of a ~1.2 GB bf16 checkpoint against its file size
+    python bench.py all [--tiny] [--steps 5] [--out .]     # writes bench-<cmd>.json into --out
+
+Each side runs in its own subprocess (bench.py re-invokes itself with --worker), so the peak resident memory
+(VmHWM, which includes the 0.2-0.4 GB of the libraries themselves) belongs to one side only. On CUDA the numbers
+are bf16 with torch.cuda.max_memory_allocated and model FLOPs utilisation, and `train` adds LLaMA-2-7B shapes
+(random weights) at batch 4 x 512 under a 40 GB memory cap. transformers and peft are test-only dependencies:
+they are imported only inside the reference workers.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import data
+import llama
+import lora
+import train
+from eval import predict, prompt_ids
+
+MARK = "BENCH_RESULT "
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16)  # a random model with the default tokenizer, for smoke tests
+BIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=9, num_attention_heads=32, num_key_value_heads=4,
+           head_dim=64)  # TinyLlama widths, 9 layers: 600M parameters, 1.2 GB in bf16
+PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10G": 70, "4090": 165}  # bf16 dense
+HF_TARGETS = {k.split(".")[1]: v.split(".")[1] for k, v in llama.HF_NAMES.items() if k.count(".") == 1}  # wq->q_proj
+MISSING_REF = "transformers/peft not installed (test-only dependencies: pip install transformers peft)"
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory, MB: VmHWM of its own address space. (getrusage's ru_maxrss would not
+    do: it keeps the high-water mark of the parent's address space across fork/vfork + exec.)"""
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def machine(device: str) -> dict:
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), cpu=cpu,
+                cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__, device=device,
+                gpu=torch.cuda.get_device_name() if device.startswith("cuda") else None, python=platform.python_version())
+
+
+def write_checkpoint(folder: Path, shape: dict, dtype=torch.float32, seed: int = 0) -> Path:
+    """A random HF-format LLaMA checkpoint (config.json, model.safetensors, tokenizer.json of the default model),
+    written one tensor at a time so the writer never holds a float32 copy of the whole model."""
+    from safetensors.torch import save_file
+    default = llama.default_model_dir()
+    cfg = dict(json.loads((default / "config.json").read_text()), **shape, tie_word_embeddings=False)
+    with torch.device("meta"):
+        names = llama.Transformer(llama.ModelArgs.from_hf(cfg)).state_dict()
+    g = torch.Generator().manual_seed(seed)
+    state = {llama.ours_to_hf(n): (torch.ones(p.shape) if "norm" in n else torch.randn(p.shape, generator=g) * 0.02)
+             .to(dtype) for n, p in names.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(dict(cfg, torch_dtype=str(dtype).split(".")[1])))
+    shutil.copy(default / "tokenizer.json", folder / "tokenizer.json")
+    return folder
+
+
+def examples(split: str, n: int, seed: int = 0) -> tuple[list[dict], str]:
+    """The first n MELD examples of a split (train.Config window), or synthetic dialogues when the data is absent."""
+    root = data.resolve_data_dir()
+    if (root / "meld").is_dir():
+        dialogues, source = data.load_split("meld", split), f"MELD {split} ({root})"
+    else:  # never download from a benchmark
+        words = "well I just think we should go now okay what are you talking about no way".split()
+        g = torch.Generator().manual_seed(seed)
+        dialogues = [[dict(speaker=f"S{j % 2}", text=" ".join(words[k] for k in torch.randint(len(words), (12,), generator=g)),
+                           label="neutral", dataset="meld", split=split, dialogue_id=i, utterance_id=j)
+                      for j in range(4)] for i in range(n)]
+        source = f"SYNTHETIC prompts: no MELD data in {root} (set DIALOGUELLM_DATA)"
+    return data.build_examples(dialogues, train.Config.window)[:n], source
+
+
+def setup(a: dict):
+    """Device, weight dtype and autocast flag of a worker (train.py's: bf16 on CUDA, float32 on CPU)."""
+    cuda = a["device"].startswith("cuda")
+    return torch.device(a["device"]), (torch.bfloat16 if cuda else torch.float32), cuda
+
+
+def sync(cuda: bool):
+    if cuda:
+        torch.cuda.synchronize()  # CUDA kernels run asynchronously: wait before reading the clock
+
+
+def timed(step, warmup: int, steps: int, cuda: bool) -> float:
+    """Seconds per call of step() after `warmup` calls."""
+    for _ in range(warmup):
+        step()
+    sync(cuda)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(cuda)
+    return (time.perf_counter() - t0) / steps
+
+
+def run_train(model, loss_fn, x, a: dict, cuda: bool, base_mb: float) -> dict:
+    """Time AdamW steps on loss_fn() (bf16 autocast on CUDA) -> tokens/s, peak memory (and base_mb, the resident
+    memory of the libraries alone), first loss, and on CUDA MFU = 6 N tokens/s / peak FLOP/s with N = weights of
+    all linear layers (head included): 2N forward + 4N backward."""
+    opt, losses = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a["lr"]), []
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    sec = timed(step, a["warmup"], a["steps"], cuda)
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, lora.LoRALinear)))
+    out = dict(tokens_per_s=x.numel() / sec, sec_per_step=sec, peak_rss_mb=peak_rss_mb(), rss_after_imports_mb=base_mb,
+               first_loss=losses[0].item())
+    if cuda:
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
+        out.update(max_memory_allocated_mb=torch.cuda.max_memory_allocated() / 2**20,
+                   mfu=6 * n * out["tokens_per_s"] / (peak * 1e12) if peak else None)
+    return out
+
+
+# ---------------------------------------------------------------- workers (each in its own process)
+
+def ours_train(a: dict) -> dict:
+    base, (dev, dtype, cuda) = rss_mb(), setup(a)
+    model, tok = llama.load(a["model"], device=dev, dtype=dtype)
+    lora.apply_lora(model, a["targets"].split(","), a["r"], a["lora_alpha"], a["dropout"], verbose=False)
+    model.checkpointing = a["grad_ckpt"]
+    x, where, targets = train.collate(a["batch"], tok.pad_id, dev)
+    return run_train(model.train(), lambda: F.cross_entropy(model(x, logits_at=where), targets), x, a, cuda, base)
+
+
+def hf_train(a: dict) -> dict:
+    try:
+        from peft import LoraConfig, get_peft_model
+        from transformers import LlamaForCausalLM
+    except ImportError as e:
+        return dict(error=f"{MISSING_REF}: {e}")
+    base, (dev, dtype, cuda) = rss_mb(), setup(a)
+    hf = LlamaForCausalLM.from_pretrained(a["model"], dtype=dtype).to(dev)
+    hf = get_peft_model(hf, LoraConfig(r=a["r"], lora_alpha=a["lora_alpha"], lora_dropout=a["dropout"],
+                                       target_modules=[HF_TARGETS[t] for t in a["targets"].split(",")],
+                                       task_type="CAUSAL_LM"))
+    if a["grad_ckpt"]:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    x, where, _ = train.collate(a["batch"], llama.load_tokenizer(a["model"]).pad_id, dev)
+    lengths = torch.tensor([len(ids) for ids, _ in a["batch"]], device=dev)
+    mask = (torch.arange(x.shape[1], device=dev) < lengths[:, None]).long()
+    labels = torch.where(F.pad(where[:, :-1], (1, 0)), x, -100)  # x[t] where it is an answer token; HF shifts inside
+    out = run_train(hf.train(), lambda: hf(input_ids=x, attention_mask=mask, labels=labels).loss, x, a, cuda, base)
+    return dict(out, attn=hf.config._attn_implementation)
+
+
+def big_train(a: dict) -> dict:
+    """LLaMA-2-7B shapes, random bf16 weights on the GPU, the CUDA recipe's LoRA, batch 4 x 512, under 40 GB."""
+    torch.cuda.set_per_process_memory_fraction(min(1.0, 40e9 / torch.cuda.get_device_properties(0).total_memory))
+    with torch.device("meta"):
+        model = llama.Transformer(llama.ModelArgs()).to(torch.bfloat16)  # ModelArgs defaults are LLaMA-2-7B
+    model = model.to_empty(device="cuda")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02)
+    lora.apply_lora(model, a["targets"].split(","), a["r"], a["lora_alpha"], a["dropout"], verbose=False)
+    model.checkpointing = True
+    x = torch.randint(3, 32000, (4, 512), device="cuda")
+    where = torch.zeros_like(x, dtype=torch.bool)
+    where[:, -4:-1] = True  # a 3-token answer at the end of every row
+    targets = x[:, 1:][where[:, :-1]]
+    try:
+        loss_fn = lambda: F.cross_entropy(model(x, logits_at=where), targets)
+        return dict(run_train(model.train(), loss_fn, x, dict(a, warmup=1), True, rss_mb()), fits_40GB=True)
+    except torch.cuda.OutOfMemoryError as e:
+        return dict(fits_40GB=False, error=str(e).split("\n")[0],
+                    max_memory_allocated_mb=torch.cuda.max_memory_allocated() / 2**20)
+
+
+def ours_eval(a: dict) -> dict:
+    dev, dtype, cuda = setup(a)
+    model, tok = llama.load(a["model"], device=dev, dtype=dtype)
+    exs, source = examples("dev", a["n_eval"])
+    max_len, out = train.Config.max_len, dict(source=source, n=len(exs))
+
+    def run(name, fn):
+        sync(cuda)
+        t0 = time.perf_counter()
+        preds = fn()
+        sync(cuda)
+        out[name] = dict(utterances_per_s=len(exs) / (time.perf_counter() - t0))
+        return preds
+
+    @torch.inference_mode()
+    def naive():  # one full forward over prompt + label per label, all logits (the METHOD's probe)
+        cands, preds = data.label_token_ids(tok, data.LABELS["meld"]), []
+        for ex in exs:
+            p, scores = prompt_ids(tok, ex, max_len), {}
+            for label, c in cands.items():
+                logp = model(torch.tensor([p + c], device=dev)).log_softmax(-1)[0, len(p) - 1:-1]
+                scores[label] = logp.gather(-1, torch.tensor(c, device=dev)[:, None]).sum().item()
+            preds.append(max(scores, key=scores.get))
+        return preds
+    ours = [r["pred"] for r in run("score", lambda: predict(model, tok, exs, max_len, progress=False))]
+    out["naive"]["agreement_with_score"] = sum(map(str.__eq__, run("naive", naive), ours)) / len(exs)
+    run("generate", lambda: predict(model, tok, exs, max_len, generate=True, progress=False))
+    return out
+
+
+def load(a: dict) -> dict:
+    """Load a bf16 checkpoint with our loader, or with transformers when a["side"] == "transformers"."""
+    dev, _, cuda = setup(a)
+    if a["side"] == "transformers":
+        try:
+            from transformers import LlamaForCausalLM
+        except ImportError as e:
+            return dict(error=f"{MISSING_REF}: {e}")
+    else:  # the libraries llama.load imports lazily, so that both baselines hold their libraries
+        import safetensors.torch, tokenizers  # noqa: E401, F401
+    base, t0 = rss_mb(), time.perf_counter()
+    if a["side"] == "transformers":
+        model = LlamaForCausalLM.from_pretrained(a["model"], dtype=torch.bfloat16).to(dev)
+    else:
+        model = llama.load(a["model"], device=dev, dtype=torch.bfloat16)[0]
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():  # read one element per 4 kB page: a loader that only maps the file pays here
+        sum(p.flatten()[::2048].float().sum().item() for p in model.parameters())
+    return dict(seconds=seconds, seconds_to_first_read=time.perf_counter() - t0, rss_before_mb=base, peak_rss_mb=peak_rss_mb(),
+                max_memory_allocated_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
+
+
+WORKERS = {f.__name__: f for f in (ours_train, hf_train, big_train, ours_eval, load)}
+
+
+# ---------------------------------------------------------------- commands (parent process)
+
+def spawn(worker: str, a: dict) -> dict:
+    """Run a worker in a fresh Python process; returns its result dict. Raises RuntimeError with its stderr tail."""
+    r = subprocess.run([sys.executable, __file__, "--worker", worker, json.dumps(a)], capture_output=True, text=True)
+    line = next((l for l in reversed(r.stdout.splitlines()) if l.startswith(MARK)), None)
+    if line is None:
+        raise RuntimeError(f"bench worker {worker} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+    return json.loads(line[len(MARK):])
+
+
+def bench_train(a: dict) -> dict:
+    recipe = train.RECIPES["cuda" if a["device"].startswith("cuda") else "cpu"]
+    exs, source = examples("train", 1024)
+    tok = llama.load_tokenizer(a["model"])
+    encoded = [data.encode_example(tok, ex, train.Config.max_len) for ex in exs]
+    batches = sorted(train.make_batches([len(ids) for ids, _ in encoded], recipe["batch_size"], 0),
+                     key=lambda b: max(len(encoded[i][0]) for i in b))
+    batch = [encoded[i] for i in batches[len(batches) // 2]]  # the median-length batch of length-grouped ones
+    w = dict(a, batch=batch, dropout=train.Config.dropout, **{k: recipe[k] for k in ("targets", "r", "lora_alpha", "lr",
+                                                                                      "grad_ckpt")})
+    res = dict(ours=spawn("ours_train", w), transformers_peft=spawn("hf_train", w))
+    if a["device"].startswith("cuda") and not a["tiny"]:
+        res["llama2_7b_shapes_4x512_40GB"] = spawn("big_train", dict(w, steps=3))
+    settings = dict(source=source, batch=f"{len(batch)} x {max(len(ids) for ids, _ in batch)} tokens (right-padded)",
+                    grad_ckpt=recipe["grad_ckpt"], warmup=a["warmup"], steps=a["steps"], dropout=train.Config.dropout,
+                    mfu_formula="6 * N * tokens/s / peak bf16 FLOP/s, N = weights of all linear layers incl. the head",
+                    **{k: recipe[k] for k in ("targets", "r", "lora_alpha")})
+    o, t = res["ours"], res["transformers_peft"]
+    goals = {} if "error" in t else dict(speedup=o["tokens_per_s"] / t["tokens_per_s"], speedup_goal=1.5,
+                                         peak_rss_ratio=o["peak_rss_mb"] / t["peak_rss_mb"], peak_rss_goal=1.0)
+    return dict(settings=settings, results=res, goals=goals)
+
+
+def bench_eval(a: dict) -> dict:
+    r = spawn("ours_eval", a)
+    s = r["score"]["utterances_per_s"]
+    goals = dict(score_vs_naive=s / r["naive"]["utterances_per_s"], score_vs_naive_goal=5.0,
+                 score_vs_generate=s / r["generate"]["utterances_per_s"])
+    return dict(settings=dict(source=r.pop("source"), n=r.pop("n"), model=a["model"]), results=r, goals=goals)
+
+
+def bench_load(a: dict) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
+        path = write_checkpoint(Path(tmp), TINY if a["tiny"] else BIG, torch.bfloat16)
+        size_mb = (path / "model.safetensors").stat().st_size / 2**20
+        res = {side: spawn("load", dict(a, model=str(path), side=side)) for side in ("ours", "transformers")}
+    goals = {f"{side}_peak_rss_over_size": r["peak_rss_mb"] / size_mb for side, r in res.items() if "error" not in r}
+    goals.update({f"{side}_peak_increase_over_size": (r["peak_rss_mb"] - r["rss_before_mb"]) / size_mb
+                  for side, r in res.items() if "error" not in r}, goal=1.3)
+    return dict(settings=dict(file_mb=size_mb, note="file written just before: a warm page-cache load"),
+                results=res, goals=goals)
+
+
+def show(name: str, report: dict):
+    print(f"\n== bench {name}  ({report['machine']['cpu']}, {report['machine']['torch_threads']} threads, "
+          f"{report['machine']['device']})")
+    for k, v in report["settings"].items():
+        print(f"   {k}: {v}")
+    for side, r in report["results"].items():
+        print(f"   {side:<30}" + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+    print("   " + "  ".join(f"{k}={v:.3g}" for k, v in report["goals"].items()))
+    if any("error" in r for r in report["results"].values()):
+        print("   (a side failed or was skipped: see its error above)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("cmd", choices=["train", "eval", "load", "all"])
+    p.add_argument("--tiny", action="store_true", help="a tiny random model with the default tokenizer (smoke test)")
+    p.add_argument("--steps", type=int, help="timed training steps (default 5; tiny 2)")
+    p.add_argument("--warmup", type=int, help="untimed training steps first (default 2; tiny 1)")
+    p.add_argument("--n-eval", type=int, help="dev utterances scored (default 24; tiny 4)")
+    p.add_argument("--out", default=".", help="folder for bench-<cmd>.json")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    a = dict(tiny=args.tiny, device=args.device, steps=args.steps or (2 if args.tiny else 5),
+             warmup=args.warmup if args.warmup is not None else (1 if args.tiny else 2),
+             n_eval=args.n_eval or (4 if args.tiny else 24))
+    with tempfile.TemporaryDirectory(prefix="bench-tiny-") as tmp:
+        a["model"] = str(write_checkpoint(Path(tmp), TINY) if args.tiny else llama.default_model_dir())
+        for cmd in ["train", "eval", "load"] if args.cmd == "all" else [args.cmd]:
+            report = dict(command=cmd, machine=machine(args.device), **globals()[f"bench_{cmd}"](a))
+            show(cmd, report)
+            out = Path(args.out) / f"bench-{cmd}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=1))
+            print(f"   wrote {out}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        print(MARK + json.dumps(WORKERS[sys.argv[2]](json.loads(sys.argv[3]))), flush=True)
+    else:
+        main()
