@@ -115,8 +115,11 @@ def test_meld_download_checks_sha(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "meld/dev_sent_emo.csv").read_bytes() == blob and "downloaded" in capsys.readouterr().out
 
 
-def test_emorynlp_json_fixture():
-    dialogues = data.load_split("emorynlp-json", "train", FIXTURES)
+def test_emorynlp_json_fixture(tmp_path):
+    """A synthetic train file in the official JSON shape (the real one is not available here)."""
+    (tmp_path / "emorynlp").mkdir()
+    shutil.copy(FIXTURES / "emorynlp/synthetic-train.json", tmp_path / "emorynlp/emotion-detection-trn.json")
+    dialogues = data.load_split("emorynlp-json", "train", tmp_path)
     assert [[(u["utterance_id"], u["speaker"], u["label"]) for u in d] for d in dialogues] == [
         [(1, "Monica Geller", "neutral"), (2, "Ross Geller", "sad"), (3, "Joey Tribbiani, Chandler Bing", "joyful")],
         [(1, "Rachel Green", "scared")],
