@@ -68,8 +68,9 @@ def _read(path: Path) -> str:
     return path.read_bytes().decode("utf-8", "surrogateescape").removeprefix("\ufeff")
 
 
-def _csv_rows(path: Path, columns: list[str]):
-    """Yield (line number, row dict) of a CSV file, checking that `columns` exist and no row is short."""
+def _csv_rows(path: Path, columns: list[str], ints: tuple[str, ...] = ()):
+    """Yield (line number, row dict) of a CSV file, checking that `columns` exist, no row is short, and the
+    `ints` columns hold integers (converted in the row)."""
     reader = csv.DictReader(io.StringIO(_read(path), newline=""))
     missing = [c for c in columns if c not in (reader.fieldnames or [])]
     if missing:
@@ -77,6 +78,10 @@ def _csv_rows(path: Path, columns: list[str]):
     for row in reader:
         if any(row[c] is None for c in columns):
             raise ValueError(f"{path}:{reader.line_num}: row has fewer than {len(reader.fieldnames)} fields")
+        for c in ints:
+            if not row[c].strip().isdigit():
+                raise ValueError(f"{path}:{reader.line_num}: column {c} is {row[c]!r}; expected an integer")
+            row[c] = int(row[c])
         yield reader.line_num, row
 
 
@@ -127,9 +132,9 @@ def load_meld(path: Path, split: str) -> list[list[dict]]:
     """MELD official CSV (Poria et al. 2019) -> dialogues; grouped by Dialogue_ID, ordered by Utterance_ID
     (ids have gaps; "Sr No." is not unique in train, so it is not used). Raises ValueError naming file:line."""
     cols = ["Utterance", "Speaker", "Emotion", "Dialogue_ID", "Utterance_ID"]
-    return _dialogues([_utt("meld", split, int(r["Dialogue_ID"]), int(r["Utterance_ID"]), r["Speaker"],
+    return _dialogues([_utt("meld", split, r["Dialogue_ID"], r["Utterance_ID"], r["Speaker"],
                             r["Utterance"], _label("meld", r["Emotion"], f"{path}:{line}"))
-                       for line, r in _csv_rows(path, cols)])
+                       for line, r in _csv_rows(path, cols, ints=("Dialogue_ID", "Utterance_ID"))])
 
 # ---------------------------------------------------------------- EmoryNLP
 
@@ -139,15 +144,15 @@ def load_emorynlp_csv(path: Path, split: str) -> list[list[dict]]:
     ("s01_e15_c01"), ordered by Utterance_ID. Speaker is a list literal, parsed with ast.literal_eval only."""
     utts = []
     cols = ["Utterance", "Speaker", "Emotion", "Scene_ID", "Utterance_ID", "Season", "Episode"]
-    for line, r in _csv_rows(path, cols):
+    for line, r in _csv_rows(path, cols, ints=("Scene_ID", "Utterance_ID", "Season", "Episode")):
         try:
             speakers = ast.literal_eval(r["Speaker"])
         except (ValueError, SyntaxError):
             speakers = None
         if not isinstance(speakers, list) or not all(isinstance(s, str) for s in speakers):
             raise ValueError(f"{path}:{line}: Speaker {r['Speaker']!r} is not a list of strings")
-        scene = f"s{int(r['Season']):02d}_e{int(r['Episode']):02d}_c{int(r['Scene_ID']):02d}"
-        utts.append(_utt("emorynlp", split, scene, int(r["Utterance_ID"]), ", ".join(speakers), r["Utterance"],
+        scene = f"s{r['Season']:02d}_e{r['Episode']:02d}_c{r['Scene_ID']:02d}"
+        utts.append(_utt("emorynlp", split, scene, r["Utterance_ID"], ", ".join(speakers), r["Utterance"],
                          _label("emorynlp", r["Emotion"], f"{path}:{line}")))
     return _dialogues(utts)
 
@@ -334,6 +339,8 @@ def make_prompt(context: list[dict], target: dict, labels: list[str], descriptio
 def build_examples(dialogues: list[list[dict]], window: int, descriptions: dict | None = None) -> list[dict]:
     """One example per utterance: {prompt, label, labels, dataset, split, dialogue_id, utterance_id,
     has_description, context, target, description}; context = the `window` previous utterances."""
+    if window < 0:
+        raise ValueError(f"window (previous utterances in the context) must be >= 0, got {window}")
     out = []
     for dialogue in dialogues:
         for i, u in enumerate(dialogue):

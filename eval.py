@@ -9,6 +9,7 @@ import argparse
 import json
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,8 @@ def load_checkpoint(path, device="cpu", dtype=None):
     cfg = ckpt["config"]
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
     model, tok = llama.load(cfg["model"], device=device, dtype=dtype)
+    if "model_args" in ckpt and ckpt["model_args"] != asdict(model.args):
+        raise ValueError(f"{path}: trained on a model with {ckpt['model_args']}, but {cfg['model']} has {asdict(model.args)}")
     lora.apply_lora(model, cfg["targets"].split(","), cfg["r"], cfg["lora_alpha"], verbose=False)
     lora.load_lora_state_dict(model, ckpt["lora"], path)
     lora.merge_all(model)  # inference only: fold B A into the base weights, one matmul per layer
@@ -201,13 +204,17 @@ def main():
     t0 = time.time()
     descriptions = data.load_descriptions(a.descriptions) if a.descriptions else None
     examples, rows, res = run(descriptions, (lambda e: e["has_description"]) if a.described_only else None)
+    if descriptions:  # records for other splits are expected; say how many found an utterance here
+        print(f"{sum(e['has_description'] for e in examples)} of {len(descriptions)} descriptions matched an "
+              f"utterance of {a.split}" + (f" (first {a.limit})" if a.limit else ""))
     res["seconds"] = round(time.time() - t0, 1)
     if descriptions:
         keys = {(e["dataset"], e["dialogue_id"], e["utterance_id"]) for e in examples if e["has_description"]}
         with_desc = [r for r in rows if (r["dataset"], r["dialogue_id"], r["utterance_id"]) in keys]
         _, _, without = run(None, lambda e: (e["dataset"], e["dialogue_id"], e["utterance_id"]) in keys)
         res["described_utterances"] = {"n": len(keys), "with_description": report(with_desc), "without": without}
-    out = out / f"eval-{a.split}{'-generate' if a.generate else ''}{'-descriptions' if descriptions else ''}"
+    out = out / (f"eval-{a.split}" + "-generate" * a.generate + "-descriptions" * bool(descriptions)
+                 + "-described" * a.described_only + (f"-limit{a.limit}" if a.limit else ""))
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(res, indent=1))
     with open(out / "predictions.jsonl", "w") as f:

@@ -98,7 +98,10 @@ def read_checkpoint(path) -> dict:
 
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where) -> None:
     """Load adapter tensors into a model that has had apply_lora; KeyError naming `where` unless they match."""
-    missing, unexpected = model.load_state_dict(state, strict=False)  # the frozen base weights are not in `state`
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)  # the frozen base weights are not in `state`
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"{where}: adapter does not fit the model: {e}") from None
     missing = [k for k in missing if k.endswith((".lora_A", ".lora_B"))]
     if missing or unexpected:
         raise KeyError(f"{where}: adapter does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")

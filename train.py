@@ -254,6 +254,8 @@ def main(argv=None):
     for name in names:
         train += data.build_examples(data.load_split(name, "train", cfg.data_dir), cfg.window, descriptions)
         dev += data.build_examples(data.load_split(name, "dev", cfg.data_dir), cfg.window, descriptions)
+    if descriptions:
+        log(f"{sum(e['has_description'] for e in train + dev)} of {len(descriptions)} descriptions matched an utterance")
     dev = random.Random(cfg.seed).sample(dev, cfg.dev_limit) if cfg.dev_limit and cfg.dev_limit < len(dev) else dev
     encoded = [data.encode_example(tok, ex, cfg.max_len) for ex in train]
     lengths = [len(ids) for ids, _ in encoded]

@@ -101,6 +101,14 @@ def test_csv_errors(tmp_path):
                     "Hi.,\"__import__('os')\",Joyful,1,1,1,1\n")
     with pytest.raises(ValueError, match=r":2: Speaker .* is not a list of strings"):
         data.load_emorynlp_csv(path, "train")
+    path.write_text("Utterance,Speaker,Emotion,Dialogue_ID,Utterance_ID\nHi.,Ross,joy,0,0\nHm.,Ross,joy,x1,1\n")
+    with pytest.raises(ValueError, match=r"train_sent_emo.csv:3: column Dialogue_ID is 'x1'; expected an integer"):
+        data.load_meld(path, "train")
+
+
+def test_negative_window_is_refused():
+    with pytest.raises(ValueError, match="window"):
+        data.build_examples([[data._utt("meld", "test", 0, 0, "Ross", "Hi.", "joy")]], -1)
 
 
 def test_meld_download_checks_sha(tmp_path, monkeypatch, capsys):

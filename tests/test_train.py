@@ -212,6 +212,11 @@ def test_main_end_to_end_and_checkpoint_reload(tmp_path, shared_models, data_dir
 
     model, tok, ckpt = ev.load_checkpoint(out / "ckpt.pt")
     assert ckpt["step"] == 2 and ckpt["config"]["r"] == 16
+    for name, broken in [("shape.pt", dict(ckpt, lora={k: v[:, :3] for k, v in ckpt["lora"].items()})),
+                         ("args.pt", dict(ckpt, model_args=dict(ckpt["model_args"], n_layers=99)))]:
+        torch.save(broken, out / name)  # an adapter or model description that does not fit the base model
+        with pytest.raises(ValueError, match=name):
+            ev.load_checkpoint(out / name)
     assert torch.load(out / "ckpt_last.pt", weights_only=True)["step"] == 2
     # reference: the transformers model with B A * lora_alpha / r added to its weights, from the saved tensors
     scale = ckpt["config"]["lora_alpha"] / ckpt["config"]["r"]
