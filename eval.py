@@ -152,7 +152,8 @@ def load_checkpoint(path, device="cpu", dtype=None):
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
     model, tok = llama.load(cfg["model"], device=device, dtype=dtype)
     if "model_args" in ckpt and ckpt["model_args"] != asdict(model.args):
-        raise ValueError(f"{path}: trained on a model with {ckpt['model_args']}, but {cfg['model']} has {asdict(model.args)}")
+        raise ValueError(f"{path}: trained on a model with {ckpt['model_args']}, "
+                         f"but {cfg['model']} has {asdict(model.args)}")
     lora.apply_lora(model, cfg["targets"].split(","), cfg["r"], cfg["lora_alpha"], verbose=False)
     lora.load_lora_state_dict(model, ckpt["lora"], path)
     lora.merge_all(model)  # inference only: fold B A into the base weights, one matmul per layer

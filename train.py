@@ -10,6 +10,7 @@
 Every default lives once, in Config; fields left None are filled from RECIPES by device (see README).
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -259,7 +260,8 @@ def main(argv=None):
     dev = random.Random(cfg.seed).sample(dev, cfg.dev_limit) if cfg.dev_limit and cfg.dev_limit < len(dev) else dev
     encoded = [data.encode_example(tok, ex, cfg.max_len) for ex in train]
     lengths = [len(ids) for ids, _ in encoded]
-    per_epoch = len(make_batches(lengths, cfg.batch_size, 0)) // cfg.grad_accum
+    per_epoch = math.ceil(len(lengths) / cfg.batch_size) // cfg.grad_accum
+    epoch_batches = functools.lru_cache(maxsize=1)(lambda e: make_batches(lengths, cfg.batch_size, cfg.seed + e))
     total = cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
     log(f"{len(train)} train / {len(dev)} dev examples of {','.join(names)}; {per_epoch} steps per epoch, "
         f"{total} steps; mean length {sum(lengths) / len(lengths):.0f} tokens")
@@ -300,7 +302,7 @@ def main(argv=None):
     t0, tokens = time.time(), 0
     while step < total:
         epoch, k = divmod(step, per_epoch)
-        batches = make_batches(lengths, cfg.batch_size, cfg.seed + epoch)[k * cfg.grad_accum:(k + 1) * cfg.grad_accum]
+        batches = epoch_batches(epoch)[k * cfg.grad_accum:(k + 1) * cfg.grad_accum]  # shuffled once per epoch
         n_answer = sum(encoded[i][1] for b in batches for i in b)  # normalise by the whole step's answer tokens
         lr = get_lr(step, total, cfg.lr, cfg.warmup)
         for g in opt.param_groups:
