@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import convert
 import data
 import llama
 import lora
@@ -64,7 +65,7 @@ def write_checkpoint(folder: Path, shape: dict, dtype=torch.float32, seed: int =
     """A random HF-format LLaMA checkpoint (config.json, model.safetensors, tokenizer.json of the default model),
     written one tensor at a time so the writer never holds a float32 copy of the whole model."""
     from safetensors.torch import save_file
-    default = llama.default_model_dir()
+    default = convert.model_dir("default")
     cfg = dict(json.loads((default / "config.json").read_text()), **shape, tie_word_embeddings=False)
     with torch.device("meta"):
         names = llama.Transformer(llama.ModelArgs.from_hf(cfg)).state_dict()
@@ -333,7 +334,7 @@ def main(argv=None):
              warmup=args.warmup if args.warmup is not None else (1 if args.tiny else 2),
              n_eval=args.n_eval or (4 if args.tiny else 24))
     with tempfile.TemporaryDirectory(prefix="bench-tiny-") as tmp:
-        a["model"] = str(write_checkpoint(Path(tmp), TINY) if args.tiny else llama.default_model_dir())
+        a["model"] = str(write_checkpoint(Path(tmp), TINY) if args.tiny else convert.model_dir("default"))
         for cmd in ["train", "eval", "load"] if args.cmd == "all" else [args.cmd]:
             report = dict(command=cmd, machine=machine(args.device), **globals()[f"bench_{cmd}"](a))
             show(cmd, report)

@@ -9,17 +9,19 @@ import argparse
 import json
 import time
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import cli
+import convert
 import data
 import llama
-import lora
+from convert import load_checkpoint
 
+# ---------------------------------------------------------------- metrics
 
 def metrics(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict:
     """Accuracy, weighted and macro F1, per-class precision/recall/F1/support and the confusion matrix.
@@ -30,60 +32,80 @@ def metrics(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict:
     """
     if len(y_true) != len(y_pred):
         raise ValueError(f"y_true has {len(y_true)} items, y_pred {len(y_pred)}")
-    idx = {l: i for i, l in enumerate(labels)}
-    cm = np.zeros((len(labels), len(labels) + 1), dtype=np.int64)  # last column: invalid predictions
+    index = {label: i for i, label in enumerate(labels)}
+    cm = np.zeros((len(labels), len(labels) + 1), dtype=np.int64)  # (gold, predicted); last column: invalid
     for t, p in zip(y_true, y_pred):
-        cm[idx[t], idx.get(p, len(labels))] += 1
-    tp, support, predicted = np.diag(cm[:, :-1]), cm.sum(1), cm[:, :-1].sum(0)
+        cm[index[t], index.get(p, len(labels))] += 1
+    tp = np.diag(cm[:, :-1])
+    support = cm.sum(1)  # per gold class
+    predicted = cm[:, :-1].sum(0)  # per predicted class
     with np.errstate(divide="ignore", invalid="ignore"):
         precision = np.nan_to_num(tp / predicted)
         recall = np.nan_to_num(tp / support)
         f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
     n = max(support.sum(), 1)
+    per_class = {label: dict(precision=float(precision[i]), recall=float(recall[i]), f1=float(f1[i]),
+                             support=int(support[i])) for i, label in enumerate(labels)}
     return {"n": int(support.sum()), "accuracy": float(tp.sum() / n), "weighted_f1": float((f1 * support).sum() / n),
-            "macro_f1": float(f1.mean()),
-            "invalid": int(cm[:, -1].sum()), "labels": labels, "confusion": cm[:, :-1].tolist(),
-            "per_class": {l: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                              "support": int(support[i])} for i, l in enumerate(labels)}}
-
+            "macro_f1": float(f1.mean()), "invalid": int(cm[:, -1].sum()), "labels": labels,
+            "confusion": cm[:, :-1].tolist(), "per_class": per_class}
 
 def fit_label_bias(scores: np.ndarray, y_true: list[str], labels: list[str], passes: int = 3) -> np.ndarray:
-    """Per-label offsets b (C,) added to label log-probabilities before the argmax, chosen on dev data to
-    maximise weighted F1 (coordinate ascent over a grid of -4..4 nats). It corrects the model's prior towards
-    the majority class (MELD is 47% neutral); fit on dev only, then applied unchanged to test.
+    """Per-label offsets b (C,) added to label log-probabilities before the argmax, chosen on dev to maximise
+    weighted F1 by coordinate ascent over a grid of -4..4 nats. It corrects the model's prior towards the
+    majority class (MELD is 47% neutral); fit on dev only, then applied unchanged to test.
     scores: (N, C) log-probabilities in `labels` order."""
-    bias, grid = np.zeros(len(labels)), np.linspace(-4, 4, 81)
-    f1 = lambda b: metrics(y_true, [labels[j] for j in (scores + b).argmax(1)], labels)["weighted_f1"]
-    best = f1(bias)
+
+    def weighted_f1(bias):
+        y_pred = [labels[j] for j in (scores + bias).argmax(1)]
+        return metrics(y_true, y_pred, labels)["weighted_f1"]
+
+    bias = np.zeros(len(labels))
+    best = weighted_f1(bias)
     for _ in range(passes):
         for c in range(len(labels)):
-            for v in grid:
+            for value in np.linspace(-4, 4, 81):
                 trial = bias.copy()
-                trial[c] = v
-                if (f := f1(trial)) > best + 1e-9:
-                    best, bias = f, trial
+                trial[c] = value
+                f1 = weighted_f1(trial)
+                if f1 > best + 1e-9:
+                    best = f1
+                    bias = trial
     return bias
 
+# ---------------------------------------------------------------- prediction
 
 def prompt_ids(tok, example: dict, max_len: int) -> list[int]:
-    """The encoded prompt of an example (BOS + prompt), truncated exactly as in training."""
+    """BOS + prompt ids of an example, truncated exactly as in training."""
     ids, n_answer = data.encode_example(tok, example, max_len)
     return ids[:-n_answer]
 
+def candidate_ids(tok, labels: tuple[str, ...]) -> list[list[int]]:
+    """Each label's ids as they follow the prompt; EOS is appended only when one label's ids are a prefix of
+    another's ("sad" and "sadness"), so that every candidate is scored to its end."""
+    ids = data.label_token_ids(tok, list(labels))
+    cands = [ids[label] for label in labels]
+    is_prefix = any(a != b and b[:len(a)] == a for a in cands for b in cands)
+    if is_prefix:
+        cands = [c + [tok.eos_id] for c in cands]
+    return cands
+
+def generate_label(model, tok, prompt: list[int], labels) -> str:
+    """Greedy answer of up to 8 tokens: the label it names (case-insensitive), else the raw answer (invalid)."""
+    answer = tok.decode(llama.generate(model, prompt, 8, eos_id=tok.eos_id)).strip()
+    named = [label for label in labels if label.lower() == answer.lower()]
+    return named[0] if named else answer
 
 @torch.no_grad()
 def predict(model, tok, examples: list[dict], max_len: int, batch_size: int = 8, generate: bool = False,
             progress: bool = True) -> list[dict]:
-    """Label every example; returns one dict per example: dialogue_id, utterance_id, dataset, gold, pred, scores.
-
-    Score mode: log P(label tokens | prompt) for each candidate label (llama.score_continuations); the
-    candidates are the label words as they appear after the prompt (data.label_token_ids), with EOS appended
-    only when one label's ids are a prefix of another's. Generate mode: greedy decoding; pred is the label
-    whose text equals the answer (case-insensitive, stripped), else the raw answer (counted invalid by metrics).
-    """
+    """One row per example, in order: dataset, dialogue_id, utterance_id, gold, pred, scores, described.
+    Score mode: scores[label] = log P(label tokens | prompt) (llama.score_continuations), pred = the argmax;
+    generate mode: greedy decoding (generate_label), scores None. Batches hold one label set, sorted by length."""
     model.eval()
-    out, label_ids = [None] * len(examples), {}
+    rows = [None] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: (examples[i]["labels"], len(examples[i]["prompt"])))
+    candidates = {}  # label set -> candidate ids
     bar = tqdm(total=len(examples), desc="eval", disable=not progress, smoothing=0.1)
     for start in range(0, len(order), batch_size):
         groups = {}  # examples of different datasets have different label sets
@@ -92,152 +114,170 @@ def predict(model, tok, examples: list[dict], max_len: int, batch_size: int = 8,
         for labels, idx in groups.items():
             prompts = [prompt_ids(tok, examples[i], max_len) for i in idx]
             if generate:
-                for i, p in zip(idx, prompts):
-                    answer = tok.decode(llama.generate(model, p, 8, eos_id=tok.eos_id)).strip()
-                    out[i] = _row(examples[i], next((l for l in labels if l.lower() == answer.lower()), answer), None)
+                for i, prompt in zip(idx, prompts):
+                    rows[i] = make_row(examples[i], generate_label(model, tok, prompt, labels), None)
                 continue
-            if labels not in label_ids:
-                ids = data.label_token_ids(tok, list(labels))
-                cands = [ids[l] for l in labels]
-                prefix = any(a != b and b[:len(a)] == a for a in cands for b in cands)
-                label_ids[labels] = [c + [tok.eos_id] * prefix for c in cands]
-            scores = llama.score_continuations(model, prompts, label_ids[labels], tok.pad_id)
-            for i, s in zip(idx, scores.tolist()):
-                out[i] = _row(examples[i], labels[int(np.argmax(s))], dict(zip(labels, s)))
+            if labels not in candidates:
+                candidates[labels] = candidate_ids(tok, labels)
+            scores = llama.score_continuations(model, prompts, candidates[labels], tok.pad_id)  # (B, C)
+            for i, row_scores in zip(idx, scores.tolist()):
+                pred = labels[int(np.argmax(row_scores))]
+                rows[i] = make_row(examples[i], pred, dict(zip(labels, row_scores)))
         bar.update(min(batch_size, len(order) - start))
     bar.close()
-    return out
+    return rows
 
-
-def _row(ex, pred, scores):
+def make_row(ex: dict, pred: str, scores: dict | None) -> dict:
     return {"dataset": ex["dataset"], "dialogue_id": ex["dialogue_id"], "utterance_id": ex["utterance_id"],
-            "gold": ex["label"], "pred": pred, "scores": scores}
+            "gold": ex["label"], "pred": pred, "scores": scores, "described": ex["has_description"]}
 
-
-def calibrate(rows: list[dict], bias: dict[str, list[float]] | None = None):
+def calibrate(rows: list[dict], bias: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Fit (bias=None) or apply per-dataset label offsets (fit_label_bias) to score-mode rows, in place.
-
     Returns the bias dict {dataset: [offset per label of data.LABELS[dataset]]}."""
     if bias is None:
         bias = {}
         for name in sorted({r["dataset"] for r in rows}):
-            rs = [r for r in rows if r["dataset"] == name]
-            s = np.array([[r["scores"][l] for l in data.LABELS[name]] for r in rs])
-            bias[name] = fit_label_bias(s, [r["gold"] for r in rs], data.LABELS[name]).tolist()
+            subset = [r for r in rows if r["dataset"] == name]
+            scores = np.array([[r["scores"][label] for label in data.LABELS[name]] for r in subset])  # (N, C)
+            bias[name] = fit_label_bias(scores, [r["gold"] for r in subset], data.LABELS[name]).tolist()
     for r in rows:
         labels = data.LABELS[r["dataset"]]
-        r["pred"] = labels[int(np.argmax([r["scores"][l] + b for l, b in zip(labels, bias[r["dataset"]])]))]
+        shifted = [r["scores"][label] + b for label, b in zip(labels, bias[r["dataset"]])]
+        r["pred"] = labels[int(np.argmax(shifted))]
     return bias
-
 
 def report(rows: list[dict]) -> dict:
     """Metrics per dataset (and for the union when several), from predict()'s rows."""
     res = {}
     for name in sorted({r["dataset"] for r in rows}):
-        rs = [r for r in rows if r["dataset"] == name]
-        res[name] = metrics([r["gold"] for r in rs], [r["pred"] for r in rs], data.LABELS[name])
+        subset = [r for r in rows if r["dataset"] == name]
+        res[name] = metrics([r["gold"] for r in subset], [r["pred"] for r in subset], data.LABELS[name])
     if len(res) > 1:
-        union = sorted({l for name in res for l in data.LABELS[name]})
+        union = sorted({label for name in res for label in data.LABELS[name]})
         res["union"] = metrics([r["gold"] for r in rows], [r["pred"] for r in rows], union)
     return res
 
+# ---------------------------------------------------------------- the command line
 
-def load_checkpoint(path, device="cpu", dtype=None):
-    """Rebuild (model with adapter, tokenizer, checkpoint dict) from a train.py checkpoint alone.
-
-    Loaded with torch.load(weights_only=True): a checkpoint holding arbitrary pickled objects is refused.
-    """
-    ckpt = lora.read_checkpoint(path)
-    cfg = ckpt["config"]
-    dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
-    model, tok = llama.load(cfg["model"], device=device, dtype=dtype)
-    if "model_args" in ckpt and ckpt["model_args"] != asdict(model.args):
-        raise ValueError(f"{path}: trained on a model with {ckpt['model_args']}, "
-                         f"but {cfg['model']} has {asdict(model.args)}")
-    lora.apply_lora(model, cfg["targets"].split(","), cfg["r"], cfg["lora_alpha"], verbose=False)
-    lora.load_lora_state_dict(model, ckpt["lora"], path)
-    lora.merge_all(model)  # inference only: fold B A into the base weights, one matmul per layer
-    return model.to(device).eval(), tok, ckpt
-
-
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("ckpt", nargs="?", help="checkpoint from train.py (omit with --zero-shot)")
-    p.add_argument("--data", help="dataset(s): meld, emorynlp, iemocap, a comma list or all (default: the trained one)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--data", help="meld, emorynlp, iemocap, a comma list or all (default: the trained ones)")
+    p.add_argument("--split", default="test", choices=data.SPLITS)
     p.add_argument("--data-dir")
-    p.add_argument("--limit", type=int, help="first N utterances only")
-    p.add_argument("--descriptions", help="video descriptions JSONL merged into the prompts; the utterances that have "
-                   "one are also scored without it, as a with/without comparison")
+    p.add_argument("--limit", type=cli.positive_int, help="first N utterances only")
+    p.add_argument("--descriptions", help="video descriptions JSONL merged into the prompts; the utterances that "
+                   "have one are also scored without it, as a with/without comparison")
     p.add_argument("--described-only", action="store_true", help="only the utterances that have a description")
     p.add_argument("--generate", action="store_true", help="greedy decoding instead of label scoring")
     p.add_argument("--no-calibration", action="store_true", help="ignore the label offsets fitted on dev")
-    p.add_argument("--zero-shot", action="store_true", help="the base model with no adapter")
+    p.add_argument("--zero-shot", action="store_true", help="the base model --model with no adapter")
     p.add_argument("--model", default="default", help="base model for --zero-shot")
-    p.add_argument("--window", type=int, default=2, help="context window for --zero-shot")
-    p.add_argument("--max-len", type=int, help="max prompt+answer tokens (default: the checkpoint's, or 256)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", help="output folder (default: beside the checkpoint)")
+    p.add_argument("--window", type=cli.natural_int, default=data.WINDOW, help="context window for --zero-shot")
+    p.add_argument("--max-len", type=cli.positive_int, help="max prompt+answer tokens (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8)
+    p.add_argument("--out", help="parent folder of the results (default: beside the checkpoint)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    if a.zero_shot == bool(a.ckpt):
+        p.error("give a checkpoint, or --zero-shot (not both)")
+    if a.data:
+        cli.check_names("--data", a.data.split(","), (*data.DATASETS, "all"))
+    if a.described_only and not a.descriptions:
+        p.error("--described-only needs --descriptions")
+    cli.check_device(a.device)
+    return a
+
+def results_dir(a: argparse.Namespace, trained_data: str) -> Path:
+    """The folder of this evaluation's results. Its name encodes every option that changes them, so variants
+    never share a folder, while the same evaluation run again replaces its own."""
+    parent = Path(a.out) if a.out else Path(a.ckpt).parent if a.ckpt else Path("runs/zero-shot")
+    name = f"eval-{a.split}"
+    if a.data and a.data != trained_data:
+        name += "-" + a.data.replace(",", "+")
+    if a.descriptions:
+        name += "-descriptions-" + Path(a.descriptions).stem
+    if a.described_only:
+        name += "-described"
+    if a.limit:
+        name += f"-limit{a.limit}"
+    if a.max_len:
+        name += f"-len{a.max_len}"
+    if a.generate:
+        name += "-generate"
+    elif a.no_calibration:
+        name += "-uncalibrated"
     if a.zero_shot:
-        model, tok = llama.load(a.model, device=a.device, dtype=torch.bfloat16 if "cuda" in a.device else torch.float32)
-        cfg, ckpt, out = {"data": "meld", "window": a.window, "max_len": 256}, {}, Path(a.out or "runs/zero-shot")
-    elif a.ckpt:
-        model, tok, ckpt = load_checkpoint(a.ckpt, a.device)
-        cfg, out = ckpt["config"], Path(a.out or Path(a.ckpt).parent)
+        name += f"-{Path(a.model).name}-window{a.window}"
+    return parent / name
+
+def evaluate(model, tok, a, cfg: dict, descriptions, keep=None) -> tuple[list[dict], dict]:
+    """Rows and metrics of one evaluation; `keep` filters the examples (before --limit)."""
+    examples = []
+    for name in data.datasets_for(a.data or cfg["data"], a.data_dir):
+        split = data.load_split(name, a.split, a.data_dir)
+        examples += data.build_examples(split, cfg["window"], descriptions)
+    examples = [e for e in examples if keep is None or keep(e)][:a.limit]
+    if not examples:
+        raise cli.UserError(f"no {a.split} utterance to evaluate (--data {a.data or cfg['data']}, --limit, "
+                            "--described-only)")
+    rows = predict(model, tok, examples, a.max_len or cfg["max_len"], a.batch_size, a.generate)
+    uncalibrated = {name: m["weighted_f1"] for name, m in report(rows).items()}
+    bias = None if a.generate or a.no_calibration else cfg.get("label_bias")  # offsets fitted on dev by train.py
+    if bias:
+        calibrate(rows, bias)
+    res = report(rows)
+    res["uncalibrated_weighted_f1"] = uncalibrated
+    return rows, res
+
+def show(title: str, res: dict, split: str) -> None:
+    for name, m in res.items():
+        if isinstance(m, dict) and "weighted_f1" in m:
+            print(f"{title}{name} {split}: weighted F1 {100 * m['weighted_f1']:.2f}  accuracy {100 * m['accuracy']:.2f}"
+                  f"  macro F1 {100 * m['macro_f1']:.2f}  invalid {m['invalid']}  n={m['n']}")
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.zero_shot:
+        dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
+        cfg = dict(data="meld", window=a.window, max_len=data.MAX_LEN)
+        out = results_dir(a, cfg["data"])
+        cli.check_writable(out)
+        model, tok = llama.load(convert.model_dir(a.model), device=a.device, dtype=dtype)
     else:
-        p.error("give a checkpoint, or --zero-shot")
-    max_len = a.max_len or cfg["max_len"]
-    bias = None if a.generate or a.no_calibration else ckpt.get("label_bias")  # offsets fitted on dev by train.py
-
-    def run(descriptions, keep=None):
-        examples = []
-        for name in data.datasets_for(a.data or cfg["data"], a.data_dir):
-            examples += data.build_examples(data.load_split(name, a.split, a.data_dir), cfg["window"], descriptions)
-        examples = [e for e in examples if keep is None or keep(e)][:a.limit]
-        rows = predict(model, tok, examples, max_len, a.batch_size, a.generate)
-        raw = {k: v["weighted_f1"] for k, v in report(rows).items()}
-        if bias:
-            calibrate(rows, bias)
-        return examples, rows, dict(report(rows), uncalibrated_weighted_f1=raw)
-
+        ckpt = cli.read_checkpoint(a.ckpt)
+        cfg = dict(ckpt["config"], label_bias=ckpt.get("label_bias"))
+        out = results_dir(a, cfg["data"])
+        cli.check_writable(out)
+        model, tok, _ = load_checkpoint(a.ckpt, a.device)
     t0 = time.time()
     descriptions = data.load_descriptions(a.descriptions) if a.descriptions else None
-    examples, rows, res = run(descriptions, (lambda e: e["has_description"]) if a.described_only else None)
-    if descriptions:  # records for other splits are expected; say how many found an utterance here
-        print(f"{sum(e['has_description'] for e in examples)} of {len(descriptions)} descriptions matched an "
-              f"utterance of {a.split}" + (f" (first {a.limit})" if a.limit else ""))
+    keep = (lambda e: e["has_description"]) if a.described_only else None
+    rows, res = evaluate(model, tok, a, cfg, descriptions, keep)
     res["seconds"] = round(time.time() - t0, 1)
+    show("", res, a.split)
+    if cfg.get("label_bias") and not (a.generate or a.no_calibration):
+        uncalibrated = ", ".join(f"{k} {100 * v:.2f}" for k, v in res["uncalibrated_weighted_f1"].items())
+        print(f"  without the dev-fitted label offsets: weighted F1 {uncalibrated}")
     if descriptions:
-        keys = {(e["dataset"], e["dialogue_id"], e["utterance_id"]) for e in examples if e["has_description"]}
-        with_desc = [r for r in rows if (r["dataset"], r["dialogue_id"], r["utterance_id"]) in keys]
-        _, _, without = run(None, lambda e: (e["dataset"], e["dialogue_id"], e["utterance_id"]) in keys)
-        res["described_utterances"] = {"n": len(keys), "with_description": report(with_desc), "without": without}
-    out = out / (f"eval-{a.split}" + "-generate" * a.generate + "-descriptions" * bool(descriptions)
-                 + "-described" * a.described_only + (f"-limit{a.limit}" if a.limit else ""))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(res, indent=1))
-    with open(out / "predictions.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-
-    def show(title, res):
-        for name, m in res.items():
-            if isinstance(m, dict) and "weighted_f1" in m:
-                print(f"{title}{name} {a.split}: weighted F1 {100 * m['weighted_f1']:.2f}  accuracy "
-                      f"{100 * m['accuracy']:.2f}  macro F1 {100 * m['macro_f1']:.2f}  invalid {m['invalid']}  n={m['n']}")
-    show("", res)
-    if bias:
-        print("  without the dev-fitted label offsets: weighted F1 "
-              + ", ".join(f"{k} {100 * v:.2f}" for k, v in res["uncalibrated_weighted_f1"].items()))
-    if descriptions:
-        d = res["described_utterances"]
-        print(f"{d['n']} utterances have a video description:")
-        show("  with it:    ", d["with_description"])
-        show("  without it: ", d["without"])
+        res["described_utterances"] = compare_descriptions(model, tok, a, cfg, rows, len(descriptions))
     print("predicted:", dict(Counter(r["pred"] for r in rows).most_common()))
-    print(f"wrote {out}/metrics.json and predictions.jsonl ({res['seconds']} s)")
+    out.mkdir(parents=True, exist_ok=True)
+    cli.atomic_write(out / "metrics.json", json.dumps(res, indent=1))
+    cli.atomic_write(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    print(f"wrote {out / 'metrics.json'} and {out / 'predictions.jsonl'} ({res['seconds']} s)")
 
+def compare_descriptions(model, tok, a, cfg: dict, rows: list[dict], n_records: int) -> dict:
+    """Score the utterances that have a description again without it: the with/without comparison."""
+    described = {(r["dataset"], r["dialogue_id"], r["utterance_id"]) for r in rows if r["described"]}
+    print(f"{len(described)} of {n_records} descriptions matched an utterance of {a.split}")
+    with_it = [r for r in rows if (r["dataset"], r["dialogue_id"], r["utterance_id"]) in described]
+    keep = lambda e: (e["dataset"], e["dialogue_id"], e["utterance_id"]) in described  # noqa: E731
+    _, without = evaluate(model, tok, a, cfg, None, keep)
+    res = {"n": len(described), "with_description": report(with_it), "without": without}
+    show("  with it:    ", res["with_description"], a.split)
+    show("  without it: ", res["without"], a.split)
+    return res
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

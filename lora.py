@@ -11,22 +11,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
+
+TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # the linear layers of a LLaMA block (llama.py's names)
+
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear (bias-free, as in LLaMA) plus a trainable low-rank update."""
+    """A frozen bias-free nn.Linear (as in LLaMA) plus a trainable float32 low-rank update of rank r > 0."""
 
     def __init__(self, base: nn.Linear, r: int, lora_alpha: float, dropout: float = 0.0):
         super().__init__()
-        if r <= 0:
-            raise ValueError(f"LoRA rank r must be positive, got {r}")
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
-        self.r, self.lora_alpha, self.scale, self.merged = r, lora_alpha, lora_alpha / r, False
-        out_features, in_features = base.weight.shape
-        kw = dict(device=base.weight.device, dtype=torch.float32)  # adapter weights train in float32
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, **kw))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # same as nn.Linear's init, as loralib and peft do
+        self.weight = base.weight.requires_grad_(False)  # the same Parameter, frozen
+        self.scale = lora_alpha / r
+        self.merged = False
+        self.lora_A = nn.Parameter(base.weight.new_empty(r, base.in_features, dtype=torch.float32))
+        self.lora_B = nn.Parameter(base.weight.new_zeros(base.out_features, r, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as loralib and peft
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):
@@ -42,7 +42,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """Fold the update into the base weight (in float32, then cast back); forward then skips the branch."""
+        """Fold the update into the base weight (in float32, then cast back); forward skips the branch."""
         if not self.merged:
             self.weight.copy_((self.weight.float() + self.delta()).to(self.weight.dtype))
             self.merged = True
@@ -56,22 +56,17 @@ class LoRALinear(nn.Module):
 
 def apply_lora(model: nn.Module, targets=("wq", "wv"), r: int = 8, lora_alpha: float = 16, dropout: float = 0.0,
                verbose: bool = True) -> nn.Module:
-    """Freeze `model` and replace every nn.Linear whose attribute name is in `targets` by a LoRALinear, in place.
-
-    targets use our module names (wq, wk, wv, wo, w1, w2, w3; the paper's q_proj/v_proj are wq/wv).
-    Only LoRA parameters stay trainable; prints trainable and total parameter counts. Raises ValueError if a
-    target matches no layer.
-    """
-    for p in model.parameters():
-        p.requires_grad_(False)
-    found = set()
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if name in targets and isinstance(child, nn.Linear):
-                setattr(module, name, LoRALinear(child, r, lora_alpha, dropout))
-                found.add(name)
-    if set(targets) - found:
-        raise ValueError(f"LoRA targets {sorted(set(targets) - found)} match no nn.Linear in the model")
+    """Freeze `model` and replace every nn.Linear named in `targets` (from TARGETS; the paper's q_proj, v_proj
+    are wq, wv) by a LoRALinear, in place; only LoRA stays trainable; prints trainable and total parameters.
+    Raises cli.UserError, before any change, for a target that matches no layer."""
+    layers = [(module, name) for module in model.modules() for name, child in module.named_children()
+              if name in targets and isinstance(child, nn.Linear)]
+    unmatched = sorted(set(targets) - {name for _, name in layers})
+    if unmatched:
+        raise cli.UserError(f"LoRA targets {unmatched} match no linear layer; valid: {', '.join(TARGETS)}")
+    model.requires_grad_(False)
+    for module, name in layers:
+        setattr(module, name, LoRALinear(getattr(module, name), r, lora_alpha, dropout))
     if verbose:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
@@ -85,30 +80,21 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
 
 
-def read_checkpoint(path) -> dict:
-    """A train.py checkpoint as a dict (adapter under "lora", run config under "config", ...), on CPU.
-
-    Loaded with torch.load(weights_only=True): a file holding arbitrary pickled objects is refused with a
-    ValueError naming it, since unpickling them could run code."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError for a payload that is not plain tensors and containers
-        raise ValueError(f"{path}: not a safe DialogueLLM checkpoint ({type(e).__name__}: {e})") from None
-
-
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where) -> None:
-    """Load adapter tensors into a model that has had apply_lora; KeyError naming `where` unless they match."""
+    """Load adapter tensors into a model that has had apply_lora; cli.UserError naming `where` on a misfit."""
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)  # the frozen base weights are not in `state`
+        missing, unexpected = model.load_state_dict(state, strict=False)  # base weights are not in `state`
     except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"{where}: adapter does not fit the model: {e}") from None
+        raise cli.UserError(f"{where}: adapter does not fit the model: {e}") from None
     missing = [k for k in missing if k.endswith((".lora_A", ".lora_B"))]
     if missing or unexpected:
-        raise KeyError(f"{where}: adapter does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise cli.UserError(f"{where}: adapter does not fit: missing {missing[:3]}, extra {unexpected[:3]}")
 
 
 def merge_all(model: nn.Module, merge: bool = True):
     """Merge (or unmerge) every LoRALinear of the model."""
     for m in model.modules():
-        if isinstance(m, LoRALinear):
-            m.merge() if merge else m.unmerge()
+        if isinstance(m, LoRALinear) and merge:
+            m.merge()
+        elif isinstance(m, LoRALinear):
+            m.unmerge()

@@ -4,13 +4,14 @@ import json
 import pytest
 
 import bench
-import llama
+import cli
+import convert
 
 
 def test_bench_all_tiny_writes_json(tmp_path, monkeypatch):
     try:
-        llama.default_model_dir()  # the tiny model borrows the default tokenizer
-    except ModuleNotFoundError as e:
+        convert.model_dir("default")  # the tiny model borrows the default tokenizer
+    except cli.MissingError as e:
         pytest.skip(str(e))
     monkeypatch.setenv("DIALOGUELLM_DATA", str(tmp_path / "no-data"))  # exercises the synthetic-prompt fallback
     bench.main(["all", "--tiny", "--steps", "1", "--warmup", "1", "--n-eval", "2", "--out", str(tmp_path)])

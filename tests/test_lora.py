@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import llama
 import lora
 from helpers import make_checkpoint, maxdiff, tiny_model
@@ -149,5 +150,8 @@ def test_dropout_on_lora_branch_only():
 
 
 def test_unknown_target_raises():
-    with pytest.raises(ValueError, match="q_proj"):
-        lora.apply_lora(tiny_model(), ("wq", "q_proj"), verbose=False)
+    model = tiny_model()
+    with pytest.raises(cli.UserError, match=r"q_proj.*wq, wk, wv, wo, w1, w2, w3"):
+        lora.apply_lora(model, ("wq", "q_proj"), verbose=False)
+    assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())  # refused before any change
+    assert lora.TARGETS == ALL

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import cli
 import train
 from helpers import make_checkpoint, make_meld
 
@@ -73,16 +74,20 @@ class Evil:
 def test_resume_refuses_pickled_objects(tmp_path):
     path = tmp_path / "ckpt_last.pt"
     torch.save({"config": {}, "lora": {}, "x": Evil()}, path)
-    with pytest.raises(ValueError, match="ckpt_last.pt: not a safe DialogueLLM checkpoint"):
+    with pytest.raises(cli.UserError, match="ckpt_last.pt: refused: it holds Python objects"):
         train.main(["--resume", str(path)])
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(setup, monkeypatch):
     tmp_path, out = setup, setup / "run"
     writes = []
-    save = train.atomic_save
-    monkeypatch.setattr(train, "atomic_save", lambda obj, path: (save(obj, path), writes.append(path.read_bytes())
-                                                                 if path.name == "ckpt_last.pt" else None))
+    save = train.cli.atomic_write
+
+    def recording(path, content):
+        save(path, content)
+        if path.name == "ckpt_last.pt":
+            writes.append(path.read_bytes())
+    monkeypatch.setattr(train.cli, "atomic_write", recording)
     ce, calls = train.F.cross_entropy, []
 
     def poisoned(*a, **k):  # micro-batches 5 and 6 make step 3
@@ -90,7 +95,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(setup, monkeypatch):
         loss = ce(*a, **k)
         return loss * float("nan") if len(calls) == 6 else loss
     monkeypatch.setattr(train.F, "cross_entropy", poisoned)
-    with pytest.raises(FloatingPointError, match="at step 3; stopped, keeping the last good checkpoint"):
+    with pytest.raises(cli.UserError, match="at step 3; stopped, keeping the last good checkpoint"):
         train.main(args(tmp_path, out))
     state = torch.load(out / "ckpt_last.pt", weights_only=True)
     assert state["step"] == 2 and (out / "ckpt_last.pt").read_bytes() == writes[-1]

@@ -1,19 +1,28 @@
 """vision.py: frame sampling on small real mp4 files made here with PyAV, and the captioner CLI against a local
 chat-completions server on 127.0.0.1. All offline."""
 import base64
+import functools
 import io
 import json
+import os
+import re
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import av
 import numpy as np
 import pytest
 
+import cli
 import data
 import vision
+
+ROOT = Path(__file__).resolve().parents[1]
 
 KEY = "sk-test-SECRET-7731"
 FPS, N_FRAMES = 10, 60  # 6 s clips; frame i has brightness 4 * i in its top 16 rows
@@ -58,9 +67,7 @@ def test_sample_frames_by_timestamp(clip):
         assert [index_of(f) for f in frames] == [round(t * FPS) for t in times]
 
 
-def test_resize_and_cap(clip):
-    assert vision.sample_frames(clip, 3, size=(32, 20))[1].shape == (3, 20, 32, 3)
-    assert vision.sample_frames(clip, 3, size=24)[1].shape == (3, 24, 32, 3)  # short side 24, aspect kept
+def test_cap(clip):
     times, frames = vision.sample_frames(clip, 4, max_seconds=2.0)
     assert np.allclose(times, [0.2, 0.7, 1.2, 1.7]) and [index_of(f) for f in frames] == [2, 7, 12, 17]
 
@@ -151,6 +158,7 @@ def test_request_carries_images_prompt_model_and_key(server, clip):
     assert body["model"] == "test-vlm"
     text, *images = body["messages"][0]["content"]
     assert "Oh my God!" in text["text"] and "Rachel" in text["text"] and "gaze" in text["text"]
+    assert "only what is visible" in text["text"] and "do not name or guess an emotion" in text["text"]
     assert len(images) == 3
     for part in images:
         url = part["image_url"]["url"]
@@ -179,12 +187,16 @@ def test_retries_5xx_and_timeouts_not_4xx(server, clip):
     server.refuse = {"FAIL"}
     with pytest.raises(vision.CaptionError, match="HTTP 401") as error:
         vision.Captioner(server.url, "m", **fast).describe(frames, "FAIL")
-    assert len(server.requests) == 1 and KEY not in str(error.value) and "***" in str(error.value)
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    assert len(server.requests) == 1 and KEY not in str(error.value)  # the 401 body echoes the key: not shown
     with pytest.raises(vision.CaptionError, match="connection.*after 3 tries"):
-        vision.Captioner(f"http://127.0.0.1:{port}/v1", "m", **fast).describe(frames)
+        vision.Captioner(closed_url(), "m", **fast).describe(frames)
+
+
+def closed_url():
+    """An endpoint on a port nobody listens on: every request is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
 
 
 # ------------------------------------------------------------------ the CLI
@@ -206,9 +218,14 @@ def meld(tmp_path, monkeypatch):
     return tmp_path
 
 
-def run(meld, server, *flags):
-    return vision.main(["--videos", str(meld / "MELD.Raw"), "--split", "train", "--out", str(meld / "d.jsonl"),
-                        "--endpoint", server.url, "--model", "test-vlm", "--size", "48", *flags])
+def run(meld, url, capsys, *flags):
+    """vision.main on the meld fixture -> (exit status, the counts of the summary line, all it printed)."""
+    status = vision.main(["--videos", str(meld / "MELD.Raw"), "--split", "train", "--out", str(meld / "d.jsonl"),
+                          "--endpoint", url, "--model", "test-vlm", *flags])
+    printed = capsys.readouterr()
+    summary = printed.out.splitlines()[-1]
+    counts = {name: int(n) for name, n in re.findall(r"(described|already done|missing|failed) (\d+)", summary)}
+    return status, counts, printed.out + printed.err
 
 
 def records(path):
@@ -218,16 +235,21 @@ def records(path):
 def test_cli_resumes_without_duplicates(meld, server, capsys):
     out = meld / "d.jsonl"
     server.refuse = {"line 0-2"}
-    counts, failed = run(meld, server, "--workers", "2")
+    status, counts, printed = run(meld, server.url, capsys)
     server.refuse = set()
-    assert (counts["described"], counts["missing"]) == (3, 1)
-    assert failed == {"CaptionError: HTTP 401": 1, "VideoError: cannot open (InvalidDataError)": 1}
+    assert status == 1 and (counts["described"], counts["missing"], counts["failed"]) == (3, 1, 2)
+    assert "failed dia0_utt2.mp4: HTTP 401" in printed
+    assert "dia1_utt0.mp4: cannot open or decode (InvalidDataError)" in printed
     assert {(r["dialogue_id"], r["utterance_id"]) for r in records(out)} == {(0, 0), (0, 1), (2, 0)}
-    out.write_bytes(out.read_bytes()[:-20])  # a run killed in the middle of its last line
-    counts, failed = run(meld, server)
-    assert (counts["skipped (already done)"], counts["described"], counts["missing"]) == (2, 2, 1)
-    counts, _ = run(meld, server)
-    assert (counts["skipped (already done)"], counts["described"]) == (4, 0)
+    whole = out.read_bytes()
+    out.write_bytes(whole[:-20])  # a run killed in the middle of its last line: the rerun names the line
+    with pytest.raises(cli.UserError, match="d.jsonl:3"):
+        run(meld, server.url, capsys)
+    out.write_bytes(whole[:whole.rfind(b"\n", 0, -1) + 1])  # the user drops that line
+    status, counts, printed = run(meld, server.url, capsys)
+    assert (counts["already done"], counts["described"], counts["missing"]) == (2, 2, 1)
+    status, counts, printed2 = run(meld, server.url, capsys)
+    assert (counts["already done"], counts["described"]) == (4, 0)
     lines = records(out)
     assert sorted((r["dialogue_id"], r["utterance_id"]) for r in lines) == [(0, 0), (0, 1), (0, 2), (2, 0)]
     for r in lines:
@@ -236,9 +258,7 @@ def test_cli_resumes_without_duplicates(meld, server, capsys):
     descriptions = data.load_descriptions(out)
     assert descriptions[("meld", "train", 0, 2)] == next(r["description"] for r in lines if r["utterance_id"] == 2)
     assert len(descriptions) == 4
-    printed = capsys.readouterr()
-    assert "truncated last line" in printed.err and "missing 1" in printed.out
-    assert KEY not in printed.out + printed.err
+    assert KEY not in printed + printed2
 
 
 def test_cli_interrupted_resumes(meld, server, monkeypatch, capsys):
@@ -252,11 +272,52 @@ def test_cli_interrupted_resumes(meld, server, monkeypatch, capsys):
 
     monkeypatch.setattr(vision.Captioner, "describe", interrupt_third)
     with pytest.raises(KeyboardInterrupt):
-        run(meld, server, "--workers", "1")
-    written = len(records(meld / "d.jsonl"))  # 2, unless the main thread saw the interrupt first
-    assert written <= 2
+        run(meld, server.url, capsys)
+    assert len(records(meld / "d.jsonl")) == 2  # every line finished before the interrupt is on disk
+    assert "described 2" in capsys.readouterr().out  # the summary is printed on the way out
     monkeypatch.setattr(vision.Captioner, "describe", describe)
-    counts, _ = run(meld, server)
-    assert (counts["skipped (already done)"], counts["described"]) == (written, 4 - written)
+    status, counts, printed = run(meld, server.url, capsys)
+    assert (counts["already done"], counts["described"]) == (2, 2)
     assert len(records(meld / "d.jsonl")) == len(data.load_descriptions(meld / "d.jsonl")) == 4
-    assert KEY not in "".join(capsys.readouterr())
+    assert KEY not in printed
+
+
+def test_cli_refused_endpoint_stops_after_a_few_failures_in_a_row(meld, monkeypatch, capsys):
+    monkeypatch.setattr(vision, "Captioner", functools.partial(vision.Captioner, retries=0))
+    start = time.monotonic()
+    with pytest.raises(cli.UserError, match=f"failed {vision.MAX_FAILURES_IN_A_ROW} times in a row.*connection"):
+        run(meld, closed_url(), capsys)
+    assert time.monotonic() - start < 10
+    printed = capsys.readouterr()
+    assert printed.err.count("failed dia") == vision.MAX_FAILURES_IN_A_ROW == 3
+    assert "dia2_utt0" not in printed.err  # the clips after the third failure were not tried
+    assert "described 0" in printed.out and KEY not in printed.out + printed.err
+
+
+def test_cli_flags_checked_before_any_work(meld, monkeypatch, capsys):
+    monkeypatch.setattr(data, "load_split", lambda *args: pytest.fail("loaded data before checking the flags"))
+    base = ["--videos", str(meld / "MELD.Raw"), "--split", "train", "--out", str(meld / "d.jsonl"), "--model", "m"]
+    for endpoint in ["127.0.0.1:8080/v1", "localhost:8080/v1", "ftp://127.0.0.1/v1"]:
+        with pytest.raises(cli.UsageError, match="--endpoint"):
+            vision.main(base + ["--endpoint", endpoint])
+    with pytest.raises(cli.UsageError, match="--out"):
+        vision.main(base + ["--endpoint", "http://127.0.0.1:1/v1", "--out", str(meld)])
+    with pytest.raises(cli.UsageError, match="--out"):
+        vision.main(base + ["--endpoint", "http://127.0.0.1:1/v1", "--out", str(meld / "absent" / "d.jsonl")])
+    with pytest.raises(SystemExit) as error:
+        vision.main(base + ["--endpoint", "http://127.0.0.1:1/v1", "--frames", "0"])
+    assert error.value.code == 2 and "--frames" in capsys.readouterr().err
+
+
+def run_script(*flags, **env):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DIALOGUELLM_VLM")} | env
+    return subprocess.run([sys.executable, "vision.py", *flags], cwd=ROOT, env=environ, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_script_error_is_one_line(tmp_path):
+    flags = ["--split", "train", "--out", str(tmp_path / "d.jsonl"), "--model", "m", "--endpoint", "http://127.0.0.1:1"]
+    missing = run_script("--videos", str(tmp_path / "nowhere"), *flags)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert missing.stderr.splitlines() == [f"vision.py: error: --videos {tmp_path / 'nowhere'}: no such folder"]
+    assert not (tmp_path / "d.jsonl").exists()

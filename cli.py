@@ -1,0 +1,168 @@
+"""What every script shares at its edge: the user's errors, flag checks, safe file writes and checkpoint reads.
+
+A script raises UserError (UsageError for a bad flag) for anything the user can fix: a bad flag, file, data row,
+checkpoint or endpoint. `run(main)` turns it into one line `<script>: error: <message>` and a non-zero exit; any
+other exception is a bug and keeps its traceback. DIALOGUELLM_DEBUG=1 shows the traceback of user errors too.
+"""
+import argparse
+import math
+import os
+import pickle
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+class UserError(ValueError):
+    """A problem the user can fix, said in one line that names the file, line, key or flag. Exit status 1."""
+    exit_code = 1
+
+class UsageError(UserError):
+    """A bad command-line flag or flag combination. Exit status 2, as argparse's own errors."""
+    exit_code = 2
+
+class MissingError(UserError, FileNotFoundError):
+    """A file or folder that is not there."""
+
+def run(main) -> None:
+    """Call main() and exit: 0 on success, 1 or 2 with one line on stderr for a UserError."""
+    prog = Path(sys.argv[0]).name
+    try:
+        status = main()
+    except UserError as e:
+        if os.environ.get("DIALOGUELLM_DEBUG") == "1":
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    sys.exit(status if isinstance(status, int) else 0)
+
+# ---------------------------------------------------------------- flag types for argparse
+
+def _number(kind, text: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+def positive_int(text: str) -> int:
+    if _number(int, text) <= 0:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
+    return int(text)
+
+def natural_int(text: str) -> int:
+    if _number(int, text) < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+def finite_float(text: str) -> float:
+    return _number(float, text)
+
+def positive_float(text: str) -> float:
+    value = _number(float, text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+def fraction(text: str) -> float:
+    """A probability in [0, 1), such as a dropout rate."""
+    value = _number(float, text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+def boolean(text: str) -> bool:
+    """Strict: true/false, yes/no, 1/0 (any case); anything else is an error, never a silent False."""
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if text.lower() not in words:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return words[text.lower()]
+
+def check_names(flag: str, given: list[str], valid) -> None:
+    """UsageError naming the flag and listing the valid names unless every name in `given` is valid."""
+    bad = [name for name in given if name not in valid]
+    if bad:
+        raise UsageError(f"{flag}: unknown {', '.join(map(repr, bad))}; expected one of {', '.join(valid)}")
+
+def check_device(device: str) -> None:
+    """UsageError unless torch can run on `device` ('cpu', 'cuda', 'cuda:1', 'mps')."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UsageError(f"--device: {device!r} is not a device name (cpu, cuda, cuda:N, mps)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available here")
+
+def check_writable(folder, flag: str = "--out") -> None:
+    """UsageError unless `folder` exists as a writable folder or can be created (checked before any work)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {folder}: exists and is not a folder")
+    parent = folder
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {folder}: {parent} is not a writable folder")
+
+# ---------------------------------------------------------------- files
+
+def atomic_write(path, content) -> None:
+    """Write str, bytes, or (for any other object) torch.save output to `path` through a temporary file and a
+    rename, so a crash leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(content, str):
+                f.write(content.encode("utf-8"))
+            elif isinstance(content, bytes):
+                f.write(content)
+            else:
+                torch.save(content, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+def read_checkpoint(path, keys=("config", "lora")) -> dict:
+    """A train.py checkpoint as a dict on the CPU, or a UserError that says what the file is instead.
+
+    Checked in order: not found; empty; a safetensors file (a model, not a checkpoint); not a torch file;
+    truncated; holding objects other than tensors and containers (refused: unpickling them could run code);
+    missing one of `keys`. torch.load runs with weights_only=True, always.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingError(f"{path}: checkpoint not found")
+    size = path.stat().st_size
+    if size == 0:
+        raise UserError(f"{path}: empty file; expected a checkpoint written by train.py")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if size > 8 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+        raise UserError(f"{path}: a safetensors file (model weights); expected a checkpoint (ckpt.pt) "
+                        "written by train.py; a model folder goes to --model")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not a torch checkpoint (truncated, or another kind of file)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: refused: it holds Python objects other than tensors and containers, and "
+                        "unpickling them could run code; it is not a DialogueLLM checkpoint") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"{path}: unreadable torch file ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path}: holds a {type(ckpt).__name__}; expected a train.py checkpoint (a dict)")
+    for key in keys:
+        if key not in ckpt:
+            hint = "; to resume, give ckpt_last.pt (ckpt.pt keeps only the best adapter)" if key == "optimizer" else ""
+            raise UserError(f"{path}: missing key {key!r}{hint}")
+    return ckpt
