@@ -5,12 +5,16 @@ checkpoint or endpoint. `run(main)` turns it into one line `<script>: error: <me
 other exception is a bug and keeps its traceback. DIALOGUELLM_DEBUG=1 shows the traceback of user errors too.
 """
 import argparse
+import csv
+import io
+import json
 import math
 import os
 import pickle
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -58,9 +62,6 @@ def natural_int(text: str) -> int:
     if _number(int, text) < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return int(text)
-
-def finite_float(text: str) -> float:
-    return _number(float, text)
 
 def positive_float(text: str) -> float:
     value = _number(float, text)
@@ -112,6 +113,18 @@ def check_writable(folder, flag: str = "--out") -> None:
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {folder}: {parent} is not a writable folder")
 
+def claim_run_folder(out, run_files, overwrite: bool) -> None:
+    """Create --out for a new run; UsageError if it holds one of run_files, unless overwrite (which deletes them)."""
+    out = Path(out)
+    check_writable(out)
+    found = [name for name in run_files if (out / name).exists()]
+    if found and not overwrite:
+        raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); continue it with --resume "
+                         f"{out / 'ckpt_last.pt'}, or replace it with --overwrite")
+    for name in found:
+        (out / name).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
 # ---------------------------------------------------------------- files
 
 def atomic_write(path, content) -> None:
@@ -131,6 +144,61 @@ def atomic_write(path, content) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+def drop_torn_line(path) -> None:
+    """Cut a last line left without its newline (a killed run's), so an appending run resumes cleanly."""
+    path = Path(path)
+    blob = path.read_bytes() if path.is_file() else b""
+    if blob and not blob.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(blob.rfind(b"\n") + 1)
+
+def read_json(file):
+    """A JSON file's content; MissingError if it is absent, UserError naming it if it is not UTF-8 JSON."""
+    file = Path(file)
+    if not file.is_file():
+        raise MissingError(f"{file}: not found")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"{file}: not valid JSON ({e})") from None
+
+def read_text(path) -> str:
+    """A file's text as strict UTF-8, a BOM removed; MissingError, or UserError naming file:line of a bad byte."""
+    if not Path(path).is_file():
+        raise MissingError(f"{path}: not found")
+    blob = Path(path).read_bytes()
+    try:
+        return blob.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = blob.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line}: byte {blob[e.start]:#04x} is not UTF-8") from None
+
+def csv_rows(path, columns, ints=(), multiline: bool = False) -> Iterator[tuple[str, dict]]:
+    """Yield ("file:line", row) per CSV record (its first line), the `ints` columns as int. UserError for a missing
+    column, a header and no rows, a short row, a non-integer in `ints`, or (unless multiline) a line break in a
+    field: in a file that has none, it is an unclosed quote that swallowed the rows after it."""
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    header = reader.fieldnames or []
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise UserError(f"{path}:1: missing column(s) {missing}; header is {header}")
+    first = reader.line_num + 1
+    start = first
+    for row in reader:
+        where = f"{path}:{start}"
+        start = reader.line_num + 1
+        if not multiline and any("\n" in v or "\r" in v for v in row.values() if isinstance(v, str)):
+            raise UserError(f"{where}: a field holds a line break (an unclosed quote?) up to line {start - 1}")
+        if any(row[c] is None for c in columns):
+            raise UserError(f"{where}: row has fewer than {len(header)} fields")
+        for c in ints:
+            if not row[c].strip().isdigit():
+                raise UserError(f"{where}: column {c} is {row[c]!r}; expected an integer")
+            row[c] = int(row[c])
+        yield where, row
+    if start == first:
+        raise UserError(f"{path}: a header and no rows")
 
 def read_checkpoint(path, keys=("config", "lora")) -> dict:
     """A train.py checkpoint as a dict on the CPU, or a UserError that says what the file is instead.

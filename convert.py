@@ -267,7 +267,7 @@ def export_merged(ckpt_path, out_dir) -> None:
     from safetensors.torch import save
     cfg = run_config(cli.read_checkpoint(ckpt_path), ckpt_path)
     base = model_dir(cfg["model"])
-    hf_cfg = llama.read_json(base / "config.json")
+    hf_cfg = cli.read_json(base / "config.json")
     dtype = getattr(torch, hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32")
     model, _, _ = load_checkpoint(ckpt_path, dtype=dtype)
     tied = model.args.tie_embeddings  # then lm_head.weight is not saved: transformers ties it again
@@ -290,3 +290,57 @@ def export(src, peft_dir=None, merged_dir=None) -> None:
     if merged_dir:
         export_merged(src, merged_dir)
         print(f"wrote {src} merged into its base model to {merged_dir}")
+
+# ---- data from outside: MELD's CSVs, Meld-Captioning descriptions
+
+MELD_URL = "https://raw.githubusercontent.com/declare-lab/MELD/2d2011b409d3ca2d7e94460cd007d434b1d0a102/data/MELD/"
+MELD_SHA256 = {  # train, dev, test; from shared/data/meld/SOURCE.md
+    "train_sent_emo.csv": "d2fa2d6529cf03cac2989efec05c9b27d8fd2f4c8fc5974c7ae88aa537fa02db",
+    "dev_sent_emo.csv": "2e89c6f8aa182d6f62f8c6331aece905ac7273ca4999660bfb5213e1d0370c1c",
+    "test_sent_emo.csv": "8d37103938f7067600839fe29d5a114a6cd1bcdafb75bec101e06464c5006888",
+}
+
+def fetch_meld(path: Path) -> None:
+    """Download one MELD CSV from the pinned GitHub commit to `path`, verify its sha256, write it atomically.
+    UserError on a checksum mismatch, MissingError when offline; nothing is written then."""
+    import hashlib
+    import urllib.request
+    url = MELD_URL + path.name
+    print(f"{path} is missing: downloading it from {url}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            blob = r.read()
+    except OSError as e:
+        raise cli.MissingError(f"{path}: not found, and the download failed ({e}); put the MELD CSVs there, or "
+                               "point --data-dir / $DIALOGUELLM_DATA at a folder holding meld/") from None
+    got = hashlib.sha256(blob).hexdigest()
+    if got != MELD_SHA256[path.name]:
+        raise cli.UserError(f"{url}: sha256 {got}, expected {MELD_SHA256[path.name]}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cli.atomic_write(path, blob)
+    print(f"downloaded {path.name} ({len(blob)} bytes, sha256 ok) to {path}")
+
+def convert_meld_annotations(src_json, out_jsonl) -> int:
+    """EmotionConflict/Meld-Captioning sorted_annotations.json (MELD test clips "diaX_uttY.mp4") -> descriptions
+    JSONL for data.load_descriptions, written atomically; returns the record count. MissingError, or UserError
+    naming the file (and record) for a file that is not a JSON list, a record without id or description."""
+    import re
+    records = cli.read_json(src_json)
+    if not isinstance(records, list):
+        raise cli.UserError(f"{src_json}: a JSON {type(records).__name__}; expected a list of annotation records")
+    lines = []
+    for i, rec in enumerate(records):
+        fields = rec if isinstance(rec, dict) else {}
+        m = re.fullmatch(r"dia(\d+)_utt(\d+)\.mp4", str(fields.get("video_id")))
+        # Only the objective visual description: fine-grained_summary was written by a model GIVEN THE GOLD LABEL,
+        # and coarse-grained_summary mixes in the audio model's emotion guesses; both would leak the answer.
+        raw = fields.get("visual_objective_description")
+        description = " ".join(raw.split()) if isinstance(raw, str) else ""  # whitespace runs -> one space
+        if not m or not description:
+            raise cli.UserError(f"{src_json}: record {i}: need video_id 'diaX_uttY.mp4' and a "
+                                "visual_objective_description")
+        row = dict(dataset="meld", split="test", dialogue_id=int(m[1]), utterance_id=int(m[2]),
+                   description=description)
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    cli.atomic_write(out_jsonl, "".join(lines))
+    return len(lines)

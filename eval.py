@@ -1,10 +1,9 @@
 """Evaluate a DialogueLLM adapter: `python eval.py ckpt.pt [--split test] [--data meld] [--limit N]`.
 
 Each utterance is labelled by scoring every candidate label's log-probability after its prompt (the prompt runs
-once, the labels reuse its KV cache), so every prediction is a valid label. `--generate` decodes greedily
-instead and counts answers that name no label as wrong (DialogueLLM's released code picked a random label).
-Metrics follow scikit-learn's definitions: weighted F1 weights each class's F1 by its support in y_true.
-"""
+once, the labels reuse its KV cache), so every prediction is a valid label. `--generate` decodes greedily and
+counts an answer that names no label as wrong (DialogueLLM's released code picked a random label instead).
+Metrics follow scikit-learn: weighted F1 weights each class's F1 by its support in y_true."""
 import argparse
 import json
 import time
@@ -24,12 +23,8 @@ from convert import load_checkpoint
 # ---------------------------------------------------------------- metrics
 
 def metrics(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict:
-    """Accuracy, weighted and macro F1, per-class precision/recall/F1/support and the confusion matrix.
-
-    Arguments are y_true first (as scikit-learn's f1_score). Predictions outside `labels` (invalid answers)
-    count as wrong. confusion[i][j] = count of gold labels[i] predicted labels[j]. A class with no prediction
-    or no support gets precision or recall 0 (scikit-learn's zero_division=0); macro F1 averages all `labels`.
-    """
+    """Accuracy, weighted and macro F1, per-class precision/recall/F1/support, confusion[gold][predicted], as
+    scikit-learn computes them with zero_division=0 (y_true first). A prediction outside `labels` is wrong."""
     if len(y_true) != len(y_pred):
         raise ValueError(f"y_true has {len(y_true)} items, y_pred {len(y_pred)}")
     index = {label: i for i, label in enumerate(labels)}
@@ -51,15 +46,12 @@ def metrics(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict:
             "confusion": cm[:, :-1].tolist(), "per_class": per_class}
 
 def fit_label_bias(scores: np.ndarray, y_true: list[str], labels: list[str], passes: int = 3) -> np.ndarray:
-    """Per-label offsets b (C,) added to label log-probabilities before the argmax, chosen on dev to maximise
-    weighted F1 by coordinate ascent over a grid of -4..4 nats. It corrects the model's prior towards the
-    majority class (MELD is 47% neutral); fit on dev only, then applied unchanged to test.
-    scores: (N, C) log-probabilities in `labels` order."""
-
+    """Offsets b (C,) added to the label log-probabilities scores (N, C) before the argmax, fitted on dev by
+    coordinate ascent over -4..4 nats to maximise weighted F1, then applied unchanged to test. They correct a
+    small model's lean towards the majority class (MELD is 47% neutral)."""
     def weighted_f1(bias):
         y_pred = [labels[j] for j in (scores + bias).argmax(1)]
         return metrics(y_true, y_pred, labels)["weighted_f1"]
-
     bias = np.zeros(len(labels))
     best = weighted_f1(bias)
     for _ in range(passes):
@@ -157,6 +149,17 @@ def report(rows: list[dict]) -> dict:
         res["union"] = metrics([r["gold"] for r in rows], [r["pred"] for r in rows], union)
     return res
 
+def calibrated_report(rows: list[dict], bias: dict | None = None, fit: bool = False) -> tuple[dict, dict | None]:
+    """(report after the label offsets `bias`, or offsets fitted on these rows if `fit`, with each dataset's
+    uncalibrated weighted F1 under "uncalibrated_weighted_f1"; the offsets)."""
+    uncalibrated = {name: m["weighted_f1"] for name, m in report(rows).items()}
+    if fit or bias:
+        bias = calibrate(rows, None if fit else bias)
+    res = report(rows)
+    res["uncalibrated_weighted_f1"] = uncalibrated
+    res["calibrated"] = bool(bias)
+    return res, bias
+
 # ---------------------------------------------------------------- the command line
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -165,51 +168,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", help="meld, emorynlp, iemocap, a comma list or all (default: the trained ones)")
     p.add_argument("--split", default="test", choices=data.SPLITS)
     p.add_argument("--data-dir")
-    p.add_argument("--limit", type=cli.positive_int, help="first N utterances only")
-    p.add_argument("--descriptions", help="video descriptions JSONL merged into the prompts; the utterances that "
-                   "have one are also scored without it, as a with/without comparison")
+    p.add_argument("--limit", type=cli.positive_int, help="the first N utterances only")
+    p.add_argument("--descriptions", help="video descriptions JSONL; described utterances are also scored without")
     p.add_argument("--described-only", action="store_true", help="only the utterances that have a description")
     p.add_argument("--generate", action="store_true", help="greedy decoding instead of label scoring")
     p.add_argument("--no-calibration", action="store_true", help="ignore the label offsets fitted on dev")
     p.add_argument("--zero-shot", action="store_true", help="the base model --model with no adapter")
     p.add_argument("--model", default="default", help="base model for --zero-shot")
     p.add_argument("--window", type=cli.natural_int, default=data.WINDOW, help="context window for --zero-shot")
-    p.add_argument("--max-len", type=cli.positive_int, help="max prompt+answer tokens (default: the checkpoint's)")
+    p.add_argument("--max-len", type=cli.positive_int, help="prompt + answer tokens (default: the checkpoint's)")
     p.add_argument("--batch-size", type=cli.positive_int, default=8)
-    p.add_argument("--out", help="parent folder of the results (default: beside the checkpoint)")
+    p.add_argument("--out", help="parent folder of the results (default: the checkpoint's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     if a.zero_shot == bool(a.ckpt):
         p.error("give a checkpoint, or --zero-shot (not both)")
-    if a.data:
-        cli.check_names("--data", a.data.split(","), (*data.DATASETS, "all"))
     if a.described_only and not a.descriptions:
         p.error("--described-only needs --descriptions")
+    if a.data:
+        cli.check_names("--data", a.data.split(","), (*data.DATASETS, "all"))
     cli.check_device(a.device)
     return a
 
 def results_dir(a: argparse.Namespace, trained_data: str) -> Path:
-    """The folder of this evaluation's results. Its name encodes every option that changes them, so variants
-    never share a folder, while the same evaluation run again replaces its own."""
-    parent = Path(a.out) if a.out else Path(a.ckpt).parent if a.ckpt else Path("runs/zero-shot")
-    name = f"eval-{a.split}"
-    if a.data and a.data != trained_data:
-        name += "-" + a.data.replace(",", "+")
-    if a.descriptions:
-        name += "-descriptions-" + Path(a.descriptions).stem
-    if a.described_only:
-        name += "-described"
-    if a.limit:
-        name += f"-limit{a.limit}"
-    if a.max_len:
-        name += f"-len{a.max_len}"
-    if a.generate:
-        name += "-generate"
-    elif a.no_calibration:
-        name += "-uncalibrated"
-    if a.zero_shot:
-        name += f"-{Path(a.model).name}-window{a.window}"
-    return parent / name
+    """This evaluation's folder: its name encodes every option that changes the results, so variants never share
+    a folder, while the same evaluation run again replaces its own."""
+    parent = Path(a.out or (Path(a.ckpt).parent if a.ckpt else "runs/zero-shot"))
+    options = [  # (option given, its part of the name)
+        (a.data and a.data != trained_data, str(a.data).replace(",", "+")),
+        (a.descriptions, "descriptions-" + Path(a.descriptions or "").stem),
+        (a.described_only, "described"),
+        (a.limit, f"limit{a.limit}"),
+        (a.max_len, f"len{a.max_len}"),
+        (a.generate, "generate"),
+        (a.no_calibration and not a.generate, "uncalibrated"),
+        (a.zero_shot, f"{Path(a.model).name}-window{a.window}"),
+    ]
+    return parent / "-".join([f"eval-{a.split}"] + [part for given, part in options if given])
 
 def evaluate(model, tok, a, cfg: dict, descriptions, keep=None) -> tuple[list[dict], dict]:
     """Rows and metrics of one evaluation; `keep` filters the examples (before --limit)."""
@@ -222,47 +217,42 @@ def evaluate(model, tok, a, cfg: dict, descriptions, keep=None) -> tuple[list[di
         raise cli.UserError(f"no {a.split} utterance to evaluate (--data {a.data or cfg['data']}, --limit, "
                             "--described-only)")
     rows = predict(model, tok, examples, a.max_len or cfg["max_len"], a.batch_size, a.generate)
-    uncalibrated = {name: m["weighted_f1"] for name, m in report(rows).items()}
     bias = None if a.generate or a.no_calibration else cfg.get("label_bias")  # offsets fitted on dev by train.py
-    if bias:
-        calibrate(rows, bias)
-    res = report(rows)
-    res["uncalibrated_weighted_f1"] = uncalibrated
+    res, _ = calibrated_report(rows, bias)
     return rows, res
 
 def show(title: str, res: dict, split: str) -> None:
+    """One line per dataset: weighted F1 (and without the label offsets, when they were applied), accuracy..."""
+    before = res.get("uncalibrated_weighted_f1", {})
     for name, m in res.items():
         if isinstance(m, dict) and "weighted_f1" in m:
-            print(f"{title}{name} {split}: weighted F1 {100 * m['weighted_f1']:.2f}  accuracy {100 * m['accuracy']:.2f}"
-                  f"  macro F1 {100 * m['macro_f1']:.2f}  invalid {m['invalid']}  n={m['n']}")
+            raw = f" ({100 * before[name]:.2f} without the dev-fitted label offsets)" if res.get("calibrated") else ""
+            print(f"{title}{name} {split}: weighted F1 {100 * m['weighted_f1']:.2f}{raw}  accuracy "
+                  f"{100 * m['accuracy']:.2f}  macro F1 {100 * m['macro_f1']:.2f}  invalid {m['invalid']}  n={m['n']}")
 
 def main(argv=None):
     a = parse_args(argv)
-    if a.zero_shot:
-        dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
-        cfg = dict(data="meld", window=a.window, max_len=data.MAX_LEN)
-        out = results_dir(a, cfg["data"])
-        cli.check_writable(out)
-        model, tok = llama.load(convert.model_dir(a.model), device=a.device, dtype=dtype)
-    else:
+    cfg = dict(data="meld", window=a.window, max_len=data.MAX_LEN)  # --zero-shot
+    if a.ckpt:
         ckpt = cli.read_checkpoint(a.ckpt)
-        cfg = dict(ckpt["config"], label_bias=ckpt.get("label_bias"))
-        out = results_dir(a, cfg["data"])
-        cli.check_writable(out)
+        cfg = dict(ckpt["config"], label_bias=ckpt.get("label_bias"))  # the window and max_len it was trained with
+    out = results_dir(a, cfg["data"])
+    cli.check_writable(out)
+    if a.ckpt:
         model, tok, _ = load_checkpoint(a.ckpt, a.device)
+    else:
+        dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
+        model, tok = llama.load(convert.model_dir(a.model), device=a.device, dtype=dtype)
     t0 = time.time()
     descriptions = data.load_descriptions(a.descriptions) if a.descriptions else None
     keep = (lambda e: e["has_description"]) if a.described_only else None
     rows, res = evaluate(model, tok, a, cfg, descriptions, keep)
     res["seconds"] = round(time.time() - t0, 1)
     show("", res, a.split)
-    if cfg.get("label_bias") and not (a.generate or a.no_calibration):
-        uncalibrated = ", ".join(f"{k} {100 * v:.2f}" for k, v in res["uncalibrated_weighted_f1"].items())
-        print(f"  without the dev-fitted label offsets: weighted F1 {uncalibrated}")
     if descriptions:
         res["described_utterances"] = compare_descriptions(model, tok, a, cfg, rows, len(descriptions))
     print("predicted:", dict(Counter(r["pred"] for r in rows).most_common()))
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # scores first, then the files, each written whole
     cli.atomic_write(out / "metrics.json", json.dumps(res, indent=1))
     cli.atomic_write(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {out / 'metrics.json'} and {out / 'predictions.jsonl'} ({res['seconds']} s)")

@@ -5,7 +5,6 @@ reference `model.py`: pre-norm RMSNorm, rotary embedding, grouped-query attentio
 half-split layout of Hugging Face checkpoints, whose folders it loads (convert.py makes one from a GGUF file).
 Shapes: B batch, T new tokens, S cached + new tokens, H heads, K kv heads, D head_dim, C dim, V vocab_size.
 """
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ import torch.nn.functional as F
 import cli
 
 FOLDER = "a Hugging Face LLaMA folder with config.json, *.safetensors and tokenizer.model or tokenizer.json"
-
 
 @dataclass
 class ModelArgs:
@@ -52,10 +50,8 @@ class ModelArgs:
                    tie_embeddings=cfg.get("tie_word_embeddings", False),
                    max_seq_len=cfg.get("max_position_embeddings", 4096))
 
-
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 and cast back (LLaMA section 2.2; HF LlamaRMSNorm)."""
-
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -63,8 +59,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
+        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., 1)
+        return self.weight * (x32 * inv_rms).to(x.dtype)
 
 def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
     """Inverse frequencies (D/2,) float32, with LLaMA-3.1's long-context scaling when configured."""
@@ -82,19 +78,14 @@ def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
     mid = (wavelen <= old / lo) & (wavelen >= old / hi)
     return torch.where(mid, (1 - smooth) * inv / s["factor"] + smooth * inv, scaled)
 
-
 def apply_rope(x, cos, sin):
     """Rotate (B, H, T, D) by angles given as cos/sin (B, 1, T, D/2); half-split pairs (i, i + D/2)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
-
 class KVCache:
-    """Keys and values of past tokens, per layer, with n_kv_heads heads (never repeated), and their mask.
-
-    k[i], v[i]: (B, K, S, D). mask: (B, S) bool, True at real (non-padding) tokens.
-    """
-
+    """Keys and values of past tokens per layer, n_kv_heads heads (never repeated): k[i], v[i] (B, K, S, D);
+    mask (B, S) bool, True at real (non-padding) tokens."""
     def __init__(self, n_layers: int):
         self.k = [None] * n_layers
         self.v = [None] * n_layers
@@ -115,10 +106,8 @@ class KVCache:
         c.mask = self.mask.repeat_interleave(n, dim=0)
         return c
 
-
 class Attention(nn.Module):
     """Grouped-query attention: n_heads query heads share n_kv_heads key/value heads (Ainslie et al. 2023)."""
-
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer = layer  # this layer's slot in a KVCache
@@ -141,10 +130,8 @@ class Attention(nn.Module):
                                            enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
-
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x) (Shazeer 2020; LLaMA section 2.2)."""
-
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
@@ -153,7 +140,6 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
 
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
@@ -168,13 +154,10 @@ class Block(nn.Module):
         x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
-
 def padded_positions(mask, cache):
-    """Rotary positions (B, T) and attention mask (B, 1, T, S) bool for a batch with padding anywhere.
-
-    mask: (B, T) bool, True at real tokens. A position counts the real tokens before it, cached ones too, so a
-    padded row gets the positions it would have alone; a query sees the real keys up to itself. Sets cache.mask.
-    """
+    """Rotary positions (B, T) and attention mask (B, 1, T, S) bool, for mask (B, T) True at real tokens.
+    A position counts the real tokens before it, cached ones too, so a padded row gets the positions it
+    would have alone; a query sees the real keys up to itself. Sets cache.mask."""
     past = mask[:, :0]  # (B, 0): no cached tokens
     if cache is not None and cache.mask is not None:
         past = cache.mask  # (B, S - T)
@@ -189,7 +172,6 @@ def padded_positions(mask, cache):
         cache.mask = keys
     return pos, attn_mask
 
-
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -203,12 +185,11 @@ class Transformer(nn.Module):
         self.checkpointing = False  # per-block activation checkpointing, set by train.py
 
     def forward(self, tokens, mask=None, cache=None, logits_at=None):
-        """Logits of next tokens, float32 (B, T, V), or (N, V) for the N positions picked by logits_at.
+        """Logits of next tokens, float32 (B, T, V), or (N, V) at the N positions logits_at picks.
 
-        tokens: (B, T) int64. mask: (B, T) bool, True at real tokens, padding anywhere (see padded_positions);
-        without mask and cache the fast causal path runs. cache: a KVCache, read and extended in place.
-        logits_at: a bool (B, T) or index selecting the positions that need logits (the head is the largest
-        matmul of a small model; training needs 2 per row)."""
+        tokens: (B, T) int64. mask: (B, T) bool, True at real tokens, padding anywhere; without mask and
+        cache the fast causal path runs. cache: a KVCache, read and extended in place. logits_at: a bool
+        (B, T) or an index: the head is a small model's largest matmul; training needs 2 positions a row."""
         B, T = tokens.shape
         if mask is None and cache is None:  # the fast path: SDPA's is_causal, no mask tensor
             pos = torch.arange(T, device=tokens.device).expand(B, T)
@@ -232,7 +213,6 @@ class Transformer(nn.Module):
             h = h[logits_at]  # (N, C): only these rows go through the head
         return self.output(self.norm(h)).float()
 
-
 # ---------------------------------------------------------------- generation and label scoring
 
 @torch.inference_mode()
@@ -252,7 +232,6 @@ def generate(model, prompt: list[int], max_new_tokens: int, eos_id: int | None =
         x = torch.tensor([[nxt]], device=device)
     return out
 
-
 def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Ids (N, L) int64 right-padded with pad_id, and their mask (N, L) bool; L is the longest length."""
     ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, device=device)
@@ -262,14 +241,12 @@ def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
         mask[i, :len(s)] = True
     return ids, mask
 
-
 @torch.inference_mode()
 def score_continuations(model, prompts: list[list[int]], candidates: list[list[int]], pad_id: int):
-    """Log-probabilities of each candidate continuation after each prompt: (len(prompts), len(candidates)).
+    """Log-probabilities (len(prompts), len(candidates)) float32: each candidate's summed token log-probs.
 
-    Each prompt runs once; its KV cache is then shared by all candidates (`KVCache.expand`), which run as one
-    batch. A candidate's score is the sum of its tokens' log-probabilities (the first from the prompt's last
-    logits). Prompts may differ in length (right-padded with pad_id, masked). Returns float32."""
+    Each prompt runs once (right-padded with pad_id, masked); its KV cache is then shared by all candidates
+    (`KVCache.expand`), which run as one batch. A first token is scored from its prompt's last logits."""
     device = model.tok_embeddings.weight.device
     B, C = len(prompts), len(candidates)
     x, m = pad_right(prompts, pad_id, device)  # (B, T)
@@ -290,7 +267,6 @@ def score_continuations(model, prompts: list[list[int]], candidates: list[list[i
     tok_lp = logp.gather(-1, nxt[..., None])[..., 0].view(B, C, L - 1)
     return (scores + (tok_lp * cm[:, 1:]).sum(-1)).float()  # padding tokens count 0
 
-
 # ---------------------------------------------------------------- loading a Hugging Face folder
 
 HF_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
@@ -300,7 +276,6 @@ HF_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "outpu
             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
             "ffn_norm": "post_attention_layernorm"}
 
-
 def ours_to_hf(name: str) -> str:
     """'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight'; KeyError if none."""
     module, _, tensor = name.rpartition(".")  # tensor: weight, or lora_A / lora_B of an adapter
@@ -309,27 +284,14 @@ def ours_to_hf(name: str) -> str:
         return f"model.layers.{i}.{HF_NAMES[part]}.{tensor}"
     return f"{HF_NAMES[module]}.{tensor}"
 
-
-def read_json(file: Path):
-    """A JSON file's content; cli.MissingError if it is absent, cli.UserError naming it if it is not JSON."""
-    if not file.is_file():
-        raise cli.MissingError(f"{file}: not found; expected {FOLDER}")
-    try:
-        return json.loads(file.read_text())
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise cli.UserError(f"{file}: not valid JSON ({e})") from None
-
-
 def load(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[Transformer, "Tokenizer"]:
-    """Load a Hugging Face LLaMA folder -> (Transformer in eval mode, Tokenizer); convert.model_dir finds one.
-
-    The folder holds config.json, model.safetensors (or the shards model.safetensors.index.json lists) and
-    a tokenizer. The module is built on the meta device and each tensor is assigned straight from safetensors
-    in `dtype`: no float32 detour (as gpt-fast does). Raises cli.MissingError for a missing file, and
-    cli.UserError for a config.json that is not a LLaMA config, or missing or unexpected tensors (named)."""
+    """(Transformer in eval mode, Tokenizer) from a FOLDER (convert.model_dir finds one); its weights are
+    model.safetensors or the shards model.safetensors.index.json lists. Built on the meta device, each tensor
+    assigned from safetensors in `dtype`: no float32 detour (as gpt-fast). cli.MissingError for a missing
+    file; cli.UserError for a config.json that is not LLaMA's, or missing or unexpected tensors (named)."""
     from safetensors import safe_open  # here, not at the top: `import llama` stays light
     path = Path(path)
-    cfg = read_json(path / "config.json")
+    cfg = cli.read_json(path / "config.json")
     try:
         args = ModelArgs.from_hf(cfg)
     except (KeyError, TypeError, ValueError) as e:
@@ -339,7 +301,8 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[Tr
     tied = args.tie_embeddings  # then lm_head.weight is the embedding: neither needed nor refused
     want = {ours_to_hf(n): n for n in model.state_dict() if not (tied and n == "output.weight")}  # HF -> ours
     index = path / "model.safetensors.index.json"
-    files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    shards = cli.read_json(index)["weight_map"].values() if index.exists() else ["model.safetensors"]
+    files = sorted(set(shards))
     if not all((path / f).is_file() for f in files):
         raise cli.MissingError(f"{path}: missing one of the weight files {files}; expected {FOLDER}")
     state = {}
@@ -360,16 +323,12 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[Tr
         model.output.weight = model.tok_embeddings.weight
     return model.eval(), load_tokenizer(path)
 
-
 # ---------------------------------------------------------------- tokenizers
 
 class Tokenizer:
-    """One interface over sentencepiece (`tokenizer.model`: LLaMA-1/2) and `tokenizer.json` (LLaMA-3, SmolLM2).
-
-    encode() never adds BOS/EOS unless asked, so a prompt has exactly one BOS. pad_id is eos_id when the model
-    has none (losses and scores use masks, not pad ids). cli.MissingError if neither file is there.
-    """
-
+    """One interface over sentencepiece (`tokenizer.model`: LLaMA-1/2) and `tokenizer.json` (LLaMA-3,
+    SmolLM2). encode() adds BOS/EOS only when asked, so a prompt has exactly one BOS. pad_id is eos_id when
+    the model has none (losses and scores use masks, not pad ids). cli.MissingError without either file."""
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
         self.sp = None
@@ -383,7 +342,7 @@ class Tokenizer:
             from tokenizers import Tokenizer as HFTokenizer
             self.hf = HFTokenizer.from_file(str(path / "tokenizer.json"))
             self.vocab_size = self.hf.get_vocab_size()
-            cfg = read_json(path / "config.json") if (path / "config.json").exists() else {}
+            cfg = cli.read_json(path / "config.json") if (path / "config.json").exists() else {}
         else:
             raise cli.MissingError(f"{path}: neither tokenizer.model nor tokenizer.json; expected {FOLDER}")
         self.bos_id = cfg.get("bos_token_id")
@@ -398,7 +357,6 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids) if self.sp else self.hf.decode(ids, skip_special_tokens=True)
-
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """The tokenizer of a model folder (see Tokenizer)."""

@@ -15,10 +15,8 @@ import cli
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # the linear layers of a LLaMA block (llama.py's names)
 
-
 class LoRALinear(nn.Module):
     """A frozen bias-free nn.Linear (as in LLaMA) plus a trainable float32 low-rank update of rank r > 0."""
-
     def __init__(self, base: nn.Linear, r: int, lora_alpha: float, dropout: float = 0.0):
         super().__init__()
         self.weight = base.weight.requires_grad_(False)  # the same Parameter, frozen
@@ -53,12 +51,9 @@ class LoRALinear(nn.Module):
             self.weight.copy_((self.weight.float() - self.delta()).to(self.weight.dtype))
             self.merged = False
 
-
-def apply_lora(model: nn.Module, targets=("wq", "wv"), r: int = 8, lora_alpha: float = 16, dropout: float = 0.0,
-               verbose: bool = True) -> nn.Module:
-    """Freeze `model` and replace every nn.Linear named in `targets` (from TARGETS; the paper's q_proj, v_proj
-    are wq, wv) by a LoRALinear, in place; only LoRA stays trainable; prints trainable and total parameters.
-    Raises cli.UserError, before any change, for a target that matches no layer."""
+def apply_lora(model, targets=("wq", "wv"), r=8, lora_alpha=16, dropout=0.0, verbose=True) -> nn.Module:
+    """Freeze `model`, then swap every nn.Linear named in `targets` (TARGETS; the paper's q_proj, v_proj are
+    wq, wv) for a LoRALinear in place. cli.UserError, before any change, for a target matching no layer."""
     layers = [(module, name) for module in model.modules() for name, child in module.named_children()
               if name in targets and isinstance(child, nn.Linear)]
     unmatched = sorted(set(targets) - {name for _, name in layers})
@@ -74,11 +69,9 @@ def apply_lora(model: nn.Module, targets=("wq", "wv"), r: int = 8, lora_alpha: f
               f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
     return model
 
-
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter tensors: {'layers.0.attention.wq.lora_A': (r, in), '...lora_B': (out, r)}, float32."""
     return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
-
 
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where) -> None:
     """Load adapter tensors into a model that has had apply_lora; cli.UserError naming `where` on a misfit."""
@@ -89,7 +82,6 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where
     missing = [k for k in missing if k.endswith((".lora_A", ".lora_B"))]
     if missing or unexpected:
         raise cli.UserError(f"{where}: adapter does not fit: missing {missing[:3]}, extra {unexpected[:3]}")
-
 
 def merge_all(model: nn.Module, merge: bool = True):
     """Merge (or unmerge) every LoRALinear of the model."""

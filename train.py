@@ -7,9 +7,8 @@
     python train.py --resume runs/meld/ckpt_last.pt              # continue a stopped run exactly
     python train.py --export-peft DIR --from runs/meld/ckpt.pt   # or --export-merged DIR: a full HF checkpoint
 
-The loop follows DialogueLLM (Zhang et al. 2023, arXiv 2310.11374, Sec. 3): one instruction per utterance, the loss
-on the answer (label + EOS) only. Every default lives once, in Config; fields left None come from RECIPES.
-"""
+DialogueLLM (Zhang et al. 2023, arXiv 2310.11374, Sec. 3): one instruction per utterance, the loss on the answer
+(label + EOS) only. Every default lives once, in Config; fields left None come from RECIPES."""
 import argparse
 import json
 import math
@@ -30,7 +29,7 @@ import data
 import llama
 import lora
 from data import MAX_LEN, WINDOW
-from eval import calibrate, predict, report
+from eval import calibrated_report, predict
 
 # ---------------------------------------------------------------- config
 
@@ -74,7 +73,7 @@ RECIPES = {
 # How each flag is read; a field not listed is a string.
 FLAG_TYPES = dict(window=cli.natural_int, max_len=cli.positive_int, r=cli.positive_int, lora_alpha=cli.positive_float,
                   dropout=cli.fraction, lr=cli.positive_float, warmup=cli.natural_int, epochs=cli.positive_float,
-                  batch_size=cli.positive_int, grad_accum=cli.positive_int, weight_decay=cli.finite_float,
+                  batch_size=cli.positive_int, grad_accum=cli.positive_int, weight_decay=cli.fraction,
                   grad_clip=cli.positive_float, grad_ckpt=cli.boolean, max_steps=cli.natural_int,
                   eval_every=cli.natural_int, dev_limit=cli.positive_int, calibrate=cli.boolean,
                   save_every=cli.positive_int, seed=cli.natural_int)
@@ -104,20 +103,7 @@ def parse_config(argv=None) -> tuple[Config, argparse.Namespace]:
         cfg.model = str(Path(cfg.model).resolve())
     cli.check_names("--targets", cfg.targets.split(","), lora.TARGETS)
     cli.check_names("--data", cfg.data.split(","), (*data.DATASETS, "all"))
-    if cfg.weight_decay < 0:
-        raise cli.UsageError(f"--weight-decay: expected a number >= 0, got {cfg.weight_decay}")
     return cfg, a
-
-def claim_out(out: Path, overwrite: bool) -> None:
-    """Refuse to mix a new run into a folder that holds one, unless --overwrite (which clears that run's files)."""
-    cli.check_writable(out)
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    if found and not overwrite:
-        raise cli.UsageError(f"--out {out} already holds a run ({', '.join(found)}); continue it with --resume "
-                             f"{out / 'ckpt_last.pt'}, or replace it with --overwrite")
-    for name in found:
-        (out / name).unlink()
-    out.mkdir(parents=True, exist_ok=True)
 
 # ---------------------------------------------------------------- set-up
 
@@ -137,18 +123,22 @@ def setup_distributed(cfg: Config) -> tuple[int, int]:
     return world, rank
 
 def load_model(cfg: Config, verbose: bool):
-    """The base model frozen in bf16 on CUDA (float32 on CPU) with float32 LoRA adapters; its tokenizer."""
+    """The base model frozen in bf16 on CUDA (float32 on CPU) with float32 LoRA adapters, in training mode; its
+    tokenizer; AdamW over the adapters."""
+    torch.manual_seed(cfg.seed)  # the adapters' initial A
     dtype = torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32
     folder = convert.model_dir(cfg.model)
     model, tok = llama.load(folder, device=cfg.device, dtype=dtype)
     lora.apply_lora(model, cfg.targets.split(","), cfg.r, cfg.lora_alpha, cfg.dropout, verbose=verbose)
     model.checkpointing = cfg.grad_ckpt
-    return model, tok
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    return model.train(), tok, opt
 
 # ---------------------------------------------------------------- data
 
 def load_data(cfg: Config, tok, log):
-    """Train and dev examples of every dataset of the run, and the train examples encoded once."""
+    """(dataset names, dev examples, train examples encoded once, steps per epoch, total steps)."""
     names = data.datasets_for(cfg.data, cfg.data_dir)
     descriptions = data.load_descriptions(cfg.descriptions) if cfg.descriptions else None
     train, dev = [], []
@@ -162,8 +152,10 @@ def load_data(cfg: Config, tok, log):
         dev = random.Random(cfg.seed).sample(dev, cfg.dev_limit)
     encoded = [data.encode_example(tok, ex, cfg.max_len) for ex in train]
     mean = sum(len(ids) for ids, _ in encoded) / max(1, len(encoded))
-    log(f"{len(train)} train / {len(dev)} dev examples of {','.join(names)}; mean length {mean:.0f} tokens")
-    return names, dev, encoded
+    per_epoch, total = count_steps(cfg, len(encoded))
+    log(f"{len(train)} train / {len(dev)} dev examples of {','.join(names)}; mean length {mean:.0f} tokens; "
+        f"{per_epoch} steps per epoch, {total} steps")
+    return names, dev, encoded, per_epoch, total
 
 def count_steps(cfg: Config, n_train: int) -> tuple[int, int]:
     """(optimizer steps per epoch, total steps); UserError when the data or the schedule gives no step."""
@@ -213,43 +205,38 @@ def get_lr(step: int, total: int, lr: float, warmup: int) -> float:
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-def forward_backward(model, encoded, batches, n_answer, cfg: Config, step: int, pad_id: int, world: int, rank: int):
-    """Forward and backward of this process's share of a step's micro-batches: (loss as a 0-d tensor, tokens).
-    The loss is summed over answer tokens and divided by those of the whole step: accumulation = one big batch."""
-    cuda = cfg.device.startswith("cuda")
+def optimizer_step(model, opt, encoded, batches, lr: float, cfg: Config, step: int, pad_id: int, world: int,
+                   rank: int) -> tuple[float, int]:
+    """One AdamW step over this process's share of the step's micro-batches: (loss, tokens covered).
+    The loss is summed over answer tokens and divided by those of the whole step, so accumulation equals one big
+    batch. UserError, before the adapter changes, if the loss is not finite."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    n_answer = sum(encoded[i][1] for batch in batches for i in batch)
     loss_sum = torch.zeros((), device=cfg.device)
     tokens = 0
     for j in range(rank, len(batches), world):
         torch.manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + j)  # LoRA dropout: same in any world
         x, where, targets = collate([encoded[i] for i in batches[j]], pad_id, cfg.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.device.startswith("cuda")):
             logits = model(x, logits_at=where)  # (N, vocab): the head only where the loss is taken
         loss = F.cross_entropy(logits, targets, reduction="sum") / n_answer
         loss.backward()
         loss_sum += loss.detach()
-        tokens += x.numel()
-    return loss_sum, tokens
-
-def optimizer_step(model, opt, encoded, batches, lr: float, cfg: Config, step: int, pad_id: int, world: int,
-                   rank: int) -> tuple[float, int]:
-    """One AdamW step over the step's micro-batches: (loss, tokens). UserError if the loss is not finite."""
-    for group in opt.param_groups:
-        group["lr"] = lr
-    n_answer = sum(encoded[i][1] for batch in batches for i in batch)  # normalise by the whole step's answers
-    loss, tokens = forward_backward(model, encoded, batches, n_answer, cfg, step, pad_id, world, rank)
+        tokens += x.numel() * world
     params = [p for group in opt.param_groups for p in group["params"]]
     if world > 1:
         for p in params:
             dist.all_reduce(p.grad)
-        dist.all_reduce(loss)
-    if not torch.isfinite(loss):
+        dist.all_reduce(loss_sum)
+    if not torch.isfinite(loss_sum):
         last = Path(cfg.out) / "ckpt_last.pt"
         kept = f"keeping the last good checkpoint {last}" if last.exists() else "no checkpoint was written yet"
-        raise cli.UserError(f"loss is {loss.item()} at step {step + 1}; stopped, {kept}")
+        raise cli.UserError(f"loss is {loss_sum.item()} at step {step + 1}; stopped, {kept}")
     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss.item(), tokens * world
+    return loss_sum.item(), tokens
 
 # ---------------------------------------------------------------- evaluation and saving
 
@@ -262,14 +249,12 @@ def evaluate(model, tok, dev, cfg: Config, names: list[str], world: int, rank: i
         dist.all_gather_object(gathered, rows)
         rows = [row for part in gathered for row in part]
     model.train()
+    report, bias = calibrated_report(rows, fit=cfg.calibrate)
     key = "union" if len(names) > 1 else names[0]
-    uncalibrated = report(rows)[key]["weighted_f1"]
-    bias = calibrate(rows) if cfg.calibrate else None
-    res = report(rows)[key]
-    res["uncalibrated_weighted_f1"] = uncalibrated
+    res = dict(report[key], uncalibrated_weighted_f1=report["uncalibrated_weighted_f1"][key])
     if rank == 0:
-        print(f"\ndev weighted F1 {100 * res['weighted_f1']:.2f} (uncalibrated {100 * uncalibrated:.2f}), "
-              f"accuracy {100 * res['accuracy']:.2f}")
+        print(f"\ndev weighted F1 {100 * res['weighted_f1']:.2f} (uncalibrated "
+              f"{100 * res['uncalibrated_weighted_f1']:.2f}), accuracy {100 * res['accuracy']:.2f}")
     return res, bias
 
 def save(path: Path, meta: dict, model, **extra) -> None:
@@ -341,7 +326,7 @@ def memory_plan(args: llama.ModelArgs, cfg: Config) -> list[tuple[str, int]]:
 def print_plan(cfg: Config, gpu_mem: float | None = None) -> None:
     """Print memory_plan for cfg.model's config.json, in GiB, and whether it fits gpu_mem GiB."""
     folder = convert.model_dir(cfg.model)
-    terms = memory_plan(llama.ModelArgs.from_hf(llama.read_json(folder / "config.json")), cfg)
+    terms = memory_plan(llama.ModelArgs.from_hf(cli.read_json(folder / "config.json")), cfg)
     print(f"memory plan: {folder.name} on {cfg.device}, LoRA r={cfg.r} on {cfg.targets}, batch {cfg.batch_size} "
           f"x {cfg.max_len} tokens, dropout {cfg.dropout}, grad_ckpt {cfg.grad_ckpt}")
     for name, size in terms:
@@ -365,21 +350,15 @@ def main(argv=None):
     out = Path(cfg.out)
     world, rank = setup_distributed(cfg)
     if rank == 0 and not state:
-        claim_out(out, a.overwrite)
+        cli.claim_run_folder(out, RUN_FILES, a.overwrite)
     log = print if rank == 0 else (lambda *args, **kwargs: None)
-    torch.manual_seed(cfg.seed)
-    model, tok = load_model(cfg, verbose=rank == 0)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    names, dev, encoded = load_data(cfg, tok, log)
-    lengths = [len(ids) for ids, _ in encoded]
-    per_epoch, total = count_steps(cfg, len(encoded))
-    log(f"{per_epoch} steps per epoch, {total} steps")
+    model, tok, opt = load_model(cfg, verbose=rank == 0)
+    names, dev, encoded, per_epoch, total = load_data(cfg, tok, log)
     step, best = resume(state, model, opt, out, rank == 0) if state else (0, -1.0)
     meta = dict(config=asdict(cfg), model_args=asdict(model.args), labels={n: data.LABELS[n] for n in names})
-    metrics_log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    metrics_log = open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a")  # one row per step, for plots
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train")
-    model.train()
+    lengths = [len(ids) for ids, _ in encoded]
     first = step
     t0 = time.time()
     tokens = 0
@@ -387,25 +366,21 @@ def main(argv=None):
         epoch, k = divmod(step, per_epoch)
         if k == 0 or step == first:  # shuffled and length-grouped once per epoch
             batches = make_batches(lengths, cfg.batch_size, cfg.seed + epoch)
-        step_batches = batches[k * cfg.grad_accum:(k + 1) * cfg.grad_accum]
         lr = get_lr(step, total, cfg.lr, cfg.warmup)
+        step_batches = batches[k * cfg.grad_accum:(k + 1) * cfg.grad_accum]
         loss, n_tokens = optimizer_step(model, opt, encoded, step_batches, lr, cfg, step, tok.pad_id, world, rank)
         step += 1
         tokens += n_tokens
-        rate = tokens / (time.time() - t0)
+        row = dict(step=step, loss=loss, lr=lr, tokens_per_s=round(tokens / (time.time() - t0), 1))
         bar.update()
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
-        row = dict(step=step, loss=loss, lr=lr, tokens_per_s=round(rate, 1))
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         if step == total or step % (cfg.eval_every or per_epoch) == 0:  # every N steps, else at epoch ends
             res, bias = evaluate(model, tok, dev, cfg, names, world, rank)
-            row.update(dev_weighted_f1=res["weighted_f1"], dev_accuracy=res["accuracy"],
-                       dev_uncalibrated_weighted_f1=res["uncalibrated_weighted_f1"])
+            row.update({f"dev_{k}": res[k] for k in ("weighted_f1", "accuracy", "uncalibrated_weighted_f1")})
             if res["weighted_f1"] > best and rank == 0:
                 save(out / "ckpt.pt", dict(meta, step=step, best=res["weighted_f1"]), model, dev=res, label_bias=bias)
             best = max(best, res["weighted_f1"])
-        if rank == 0:
-            metrics_log.write(json.dumps(row) + "\n")
-            metrics_log.flush()
+        print(json.dumps(row), file=metrics_log, flush=True)
         if rank == 0 and (step % cfg.save_every == 0 or step == total):
             save(out / "ckpt_last.pt", dict(meta, step=step, best=best), model, optimizer=opt.state_dict())
     bar.close()

@@ -112,8 +112,9 @@ def describe_split(args: argparse.Namespace) -> dict[str, int]:
     """Append each clip's description to args.out; print and return the counts. UserError if the endpoint fails."""
     split_dir = args.videos / SPLIT_DIRS[args.split]  # when --videos is MELD.Raw itself
     videos = split_dir if split_dir.is_dir() else args.videos
+    cli.drop_torn_line(args.out)  # a killed run's unfinished last line
     done = set(data.load_descriptions(args.out)) if args.out.exists() else set()
-    utterances = [u for dialogue in data.load_split("meld", args.split) for u in dialogue]
+    utterances = [u for dialogue in data.load_split("meld", args.split, args.data_dir) for u in dialogue]
     captioner = Captioner(args.endpoint, args.model, os.environ.get("DIALOGUELLM_VLM_KEY", ""))
     counts = dict.fromkeys(["described", "already done", "missing", "failed"], 0)
     in_a_row = 0  # endpoint failures since its last description; a bad clip is not one
@@ -144,9 +145,11 @@ def describe_split(args: argparse.Namespace) -> dict[str, int]:
     return counts
 
 def main(argv=None) -> int:
-    """Flags are all checked before any work. Exit status 1 when some clip failed; a rerun retries it."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.epilog = "Flags are checked before any work. Exit status 1 when a clip failed; a rerun retries it."
     p.add_argument("--videos", type=Path, required=True, help="folder of dia{D}_utt{U}.mp4 clips, or MELD.Raw")
+    p.add_argument("--data", default="meld", choices=["meld"], help="the dataset with video clips")
+    p.add_argument("--data-dir", help="the folder holding meld/ (default: $DIALOGUELLM_DATA, else ./data)")
     p.add_argument("--split", required=True, choices=list(SPLIT_DIRS))
     p.add_argument("--out", type=Path, required=True, help="JSONL, appended to; a rerun skips what it holds")
     p.add_argument("--endpoint", required=True, help="API base URL; the key comes from $DIALOGUELLM_VLM_KEY")

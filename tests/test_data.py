@@ -1,16 +1,20 @@
 """data.py: split sizes and label counts pinned from the real files (counted once with the csv/json modules in a
-throwaway script, not with data.py), text repair, the IEMOCAP parser on a synthetic fixture, the prompt template,
-label token ids, truncation, video descriptions, and one clear error per bad input file or flag."""
+throwaway script, not with data.py), the IEMOCAP parser on a synthetic fixture, the prompt template, label token
+ids, truncation, video descriptions (and convert.py's MELD download and description conversion), and one clear
+error per bad input file or flag."""
+import hashlib
 import io
 import json
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 import cli
+import convert
 import data
 import llama
 
@@ -62,28 +66,18 @@ def test_real_dialogue_shape(data_dir):
 
 
 def test_fix_text():
-    assert data.fix_text("don\x92t  stop\x85 ") == "don’t stop…"  # C1 characters (cp1252 bytes read as Latin-1)
-    assert data.fix_text(b"don\x92t caf\xc3\xa9".decode("utf-8", "surrogateescape")) == "don’t café"  # raw bytes
-    # UTF-8 read as cp1252 / Latin-1 (” is e2 80 9d; 0x9d is undefined in cp1252, so it appears as U+009D)
-    assert data.fix_text("donâ€™t â€œyesâ€\x9d Â\x92") == "don’t “yes” ’"
-    assert data.fix_text("café — “hi”  ’") == "café — “hi” ’"  # correct text stays
+    assert data.fix_text(" I\tdon’t\n\n know  —  café. ") == "I don’t know — café."  # only whitespace changes
 
 
-def test_raw_cp1252_bytes_in_csv(tmp_path):
+def test_csv_is_strict_utf8(tmp_path):
     path = tmp_path / "dev_sent_emo.csv"
-    path.write_bytes(b"Sr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID\r\n"
-                     b"1,I\x92m  fine.,Ross,joy,positive,3,1\r\n2,Yeah.,Rachel,neutral,neutral,3,0\r\n")
-    (d,) = data.load_meld(path, "dev")
+    path.write_bytes(b"\xef\xbb\xbfSr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID\r\n"
+                     b"1,I\xe2\x80\x99m  fine.,Ross,joy,positive,3,1\r\n2,Yeah.,Rachel,neutral,neutral,3,0\r\n")
+    (d,) = data.load_meld(path, "dev")  # a BOM is removed
     assert [(u["utterance_id"], u["text"]) for u in d] == [(0, "Yeah."), (1, "I’m fine.")]
-
-
-def test_real_text_repair(data_dir):
-    """The Meld-Captioning transcripts hold cp1252 bytes as C1 characters; repaired, they equal the MELD CSV text."""
-    records = json.loads((data_dir / "meld_video_descriptions/sorted_annotations.json").read_text(encoding="utf-8"))
-    rec = next(r for r in records if r["video_id"] == "dia239_utt7.mp4")
-    assert rec["transcript"] == "Don\x92t you have to use the bathroom?"
-    utt = next(u for u in data.load_split("meld", "test", data_dir)[239] if u["utterance_id"] == 7)
-    assert data.fix_text(rec["transcript"]) == utt["text"] == "Don’t you have to use the bathroom?"
+    path.write_bytes(path.read_bytes().replace(b"\xe2\x80\x99", b"\x92"))  # Windows-1252: not repaired, refused
+    with pytest.raises(cli.UserError, match=r"dev_sent_emo.csv:2: byte 0x92 is not UTF-8"):
+        data.load_meld(path, "dev")
 
 
 def test_csv_errors(tmp_path):
@@ -110,14 +104,14 @@ def test_negative_window_is_refused():
 
 
 def test_meld_download_checks_sha(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"not the MELD file"))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"not the MELD file"))
     with pytest.raises(ValueError, match="sha256"):
         data.load_split("meld", "dev", tmp_path)
     assert not list(tmp_path.rglob("*.csv*"))  # no file, no partial .tmp
     blob = b"good bytes"
-    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(blob))
-    monkeypatch.setitem(data.MELD_SHA256, "dev_sent_emo.csv", data.hashlib.sha256(blob).hexdigest())
-    data.fetch_meld(tmp_path / "meld/dev_sent_emo.csv")
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(blob))
+    monkeypatch.setitem(convert.MELD_SHA256, "dev_sent_emo.csv", hashlib.sha256(blob).hexdigest())
+    convert.fetch_meld(tmp_path / "meld/dev_sent_emo.csv")
     assert (tmp_path / "meld/dev_sent_emo.csv").read_bytes() == blob and "downloaded" in capsys.readouterr().out
 
 
@@ -166,7 +160,7 @@ def test_datasets_for(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown dataset"):
         data.datasets_for("meld,friends")
     (tmp_path / "meld").mkdir()
-    for name in data.MELD_SHA256:
+    for name in convert.MELD_SHA256:
         (tmp_path / "meld" / name).write_text("")
     assert data.datasets_for("all", tmp_path) == ["meld"]
     out = capsys.readouterr().out
@@ -236,15 +230,15 @@ def test_encode_example_truncates_oldest_context(tok):
 def test_descriptions(data_dir, tmp_path):
     out = tmp_path / "meld_descriptions.jsonl"
     src = data_dir / "meld_video_descriptions/sorted_annotations.json"
-    assert data.convert_meld_annotations(src, out) == 191
+    assert convert.convert_meld_annotations(src, out) == 191
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 191 and all(set(r) == {"dataset", "split", "dialogue_id", "utterance_id",
                                                     "description"} for r in records)
     raw = {r["video_id"]: r for r in json.loads(src.read_text(encoding="utf-8"))}
     for r in records:  # only the objective visual description; the summaries (which leak the label) never appear
         rec = raw[f"dia{r['dialogue_id']}_utt{r['utterance_id']}.mp4"]
-        assert r["description"] == data.fix_text(rec["visual_objective_description"])
-        assert data.fix_text(rec["fine-grained_summary"])[:200] not in r["description"]
+        assert r["description"] == " ".join(rec["visual_objective_description"].split())
+        assert " ".join(rec["fine-grained_summary"].split())[:200] not in r["description"]
     descriptions = data.load_descriptions(out)
     assert descriptions[("meld", "test", 233, 4)].startswith("In this video frame, two women")
     examples = data.build_examples(data.load_split("meld", "test", data_dir), 2, descriptions)
@@ -368,24 +362,24 @@ def test_convert_meld_annotations_errors(tmp_path):
     src = tmp_path / "sorted_annotations.json"
     out = tmp_path / "out.jsonl"
     src.write_bytes(b'[{"video_id": "dia1_utt2.mp4",\n "visual_objective_description": "caf\xe9"}]')
-    with pytest.raises(cli.UserError, match=r"sorted_annotations.json:2: byte 0xe9 is not UTF-8"):
-        data.convert_meld_annotations(src, out)
+    with pytest.raises(cli.UserError, match=r"sorted_annotations.json: not valid JSON \(.*byte 0xe9"):
+        convert.convert_meld_annotations(src, out)
     src.write_text('[{"video_id": "dia1_utt2.mp4"\n "visual_objective_description": "x"}]')
-    with pytest.raises(cli.UserError, match=r"sorted_annotations.json:2: not JSON \(Expecting ',' delimiter\)"):
-        data.convert_meld_annotations(src, out)
+    with pytest.raises(cli.UserError, match=r"annotations.json: not valid JSON \(Expecting ',' delimiter: line 2"):
+        convert.convert_meld_annotations(src, out)
     src.write_text('{"video_id": "dia1_utt2.mp4"}')
     with pytest.raises(cli.UserError, match=r"sorted_annotations.json: a JSON dict; expected a list"):
-        data.convert_meld_annotations(src, out)
+        convert.convert_meld_annotations(src, out)
     for records in ('["dia1_utt2.mp4"]', '[{"video_id": "dia1_utt2.mp4", "visual_objective_description": " "}]',
                     '[{"video_id": "dia1.mp4", "visual_objective_description": "x"}]'):
         src.write_text(records)
         with pytest.raises(cli.UserError, match=r"sorted_annotations.json: record 0: need video_id"):
-            data.convert_meld_annotations(src, out)
+            convert.convert_meld_annotations(src, out)
     with pytest.raises(cli.MissingError, match=r"nothing.json: not found"):
-        data.convert_meld_annotations(tmp_path / "nothing.json", out)
+        convert.convert_meld_annotations(tmp_path / "nothing.json", out)
     assert not out.exists()
-    src.write_text('[{"video_id": "dia1_utt2.mp4", "visual_objective_description": "A  man\\u0092s hat."}]')
-    assert data.convert_meld_annotations(src, out) == 1
+    src.write_text('[{"video_id": "dia1_utt2.mp4", "visual_objective_description": " A  man\\u2019s\\n hat. "}]')
+    assert convert.convert_meld_annotations(src, out) == 1
     assert data.load_descriptions(out) == {("meld", "test", 1, 2): "A man’s hat."}
 
 
@@ -407,7 +401,7 @@ def test_missing_files(tmp_path, monkeypatch):
 
     def offline(url, timeout):
         raise OSError("no network")
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(cli.MissingError, match=r"dev_sent_emo.csv: not found, and the download failed \(no network\)"):
         data.load_split("meld", "dev", tmp_path)
     assert not (tmp_path / "meld").exists()
@@ -452,7 +446,21 @@ def test_cli_one_line_errors(tmp_path, data_dir):
     src = tmp_path / "bad.json"
     src.write_text("{")
     done = run("--convert-descriptions", str(src), str(tmp_path / "out.jsonl"))
-    assert done.returncode == 1 and done.stderr.startswith(f"data.py: error: {src}:1: not JSON")
+    assert done.returncode == 1 and done.stderr.startswith(f"data.py: error: {src}: not valid JSON")
     out = tmp_path / "d.jsonl"
     done = run("--convert-descriptions", str(data_dir / "meld_video_descriptions/sorted_annotations.json"), str(out))
     assert done.returncode == 0 and done.stdout == f"wrote 191 descriptions to {out}\n"
+
+
+def test_csv_rows_multiline(tmp_path):
+    """cli.csv_rows: a quoted line break is an unclosed quote unless multiline=True (a user's conversations CSV)."""
+    path = tmp_path / "talk.csv"
+    path.write_text('id,text\n1,"Hi.\nHow are you?"\n2,Fine.\n')
+    with pytest.raises(cli.UserError, match=r"talk.csv:2: a field holds a line break \(an unclosed quote\?\) up to "
+                                            r"line 3"):
+        list(cli.csv_rows(path, ["id", "text"], ("id",)))
+    rows = list(cli.csv_rows(path, ["id", "text"], ("id",), multiline=True))
+    assert rows == [(f"{path}:2", {"id": 1, "text": "Hi.\nHow are you?"}), (f"{path}:4", {"id": 2, "text": "Fine."})]
+    with pytest.raises(cli.UserError, match=r"talk.csv:4: row has fewer than 2 fields"):
+        path.write_text('id,text\n1,"Hi.\nHow are you?"\n2\n')
+        list(cli.csv_rows(path, ["id", "text"], multiline=True))

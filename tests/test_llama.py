@@ -355,8 +355,9 @@ for i in range(L):
     p = f"model.layers.{i}."
     shapes.update({p + n: (d, d) for n in ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
                                            "self_attn.v_proj.weight", "self_attn.o_proj.weight")})
-    shapes.update({p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d), p + "mlp.down_proj.weight": (d, f),
-                   p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,)})
+    shapes.update({p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
+                   p + "mlp.down_proj.weight": (d, f), p + "input_layernorm.weight": (d,),
+                   p + "post_attention_layernorm.weight": (d,)})
 state = {n: torch.empty(s, dtype=torch.bfloat16).normal_(0, 0.02, generator=g) for n, s in shapes.items()}
 save_file(state, out + "/model.safetensors", metadata={"format": "pt"})
 """
@@ -368,7 +369,8 @@ base = peak_kib()
 model, _ = llama.load(sys.argv[1], dtype=torch.bfloat16)
 with torch.no_grad():  # read every weight: safetensors may map the file lazily, so loading alone can cost nothing
     assert all(torch.isfinite(p.sum()) for p in model.parameters())
-print(json.dumps({"base_kib": base, "peak_kib": peak_kib(), "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+print(json.dumps({"base_kib": base, "peak_kib": peak_kib(),
+                  "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
                   "bytes": sum(p.numel() * p.element_size() for p in model.parameters())}))
 """
 
@@ -389,8 +391,8 @@ def test_bf16_load_memory(tmp_path, shared_models):
     assert run.returncode == 0, run.stderr[-2000:]
     r = json.loads(run.stdout.strip().splitlines()[-1])
     grown = (r["peak_kib"] - r["base_kib"]) * 1024
-    print(f"file {size / 1e9:.2f} GB, load + reading all weights grew peak RSS by {grown / 1e9:.2f} GB ({grown / size:.2f}x) "
-          f"in {time.time() - t:.1f} s")
+    print(f"file {size / 1e9:.2f} GB, load + reading all weights grew peak RSS by {grown / 1e9:.2f} GB "
+          f"({grown / size:.2f}x) in {time.time() - t:.1f} s")
     assert r["dtypes"] == ["torch.bfloat16"] and abs(r["bytes"] - size) < 1e6
     assert grown >= 0.7 * size  # the weights were really read in (the measure is not vacuous)
     assert grown <= 1.3 * size, f"peak RSS grew {grown / size:.2f}x the checkpoint size"
