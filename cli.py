@@ -94,7 +94,9 @@ def check_device(device: str) -> None:
     try:
         kind = torch.device(device).type
     except RuntimeError:
-        raise UsageError(f"--device: {device!r} is not a device name (cpu, cuda, cuda:N, mps)") from None
+        kind = None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {device}: expected cpu, cuda, cuda:N or mps")
     if kind == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
     if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
@@ -164,21 +166,37 @@ def read_json(file):
         raise UserError(f"{file}: not valid JSON ({e})") from None
 
 def read_text(path) -> str:
-    """A file's text as strict UTF-8, a BOM removed; MissingError, or UserError naming file:line of a bad byte."""
-    if not Path(path).is_file():
+    """A file's text ("-": stdin's) as strict UTF-8, BOM removed; MissingError, or UserError naming file:line."""
+    if str(path) == "-":
+        blob = sys.stdin.buffer.read()
+        path = "<stdin>"
+    elif Path(path).is_file():
+        blob = Path(path).read_bytes()
+    else:
         raise MissingError(f"{path}: not found")
-    blob = Path(path).read_bytes()
     try:
         return blob.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         line = blob.count(b"\n", 0, e.start) + 1
         raise UserError(f"{path}:{line}: byte {blob[e.start]:#04x} is not UTF-8") from None
 
+def jsonl_records(path) -> Iterator[tuple[str, object]]:
+    """Yield ("file:line", record) per non-blank line of a JSON-lines file; UserError there for a line not JSON."""
+    name = "<stdin>" if str(path) == "-" else path
+    for n, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{name}:{n}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{name}:{n}: JSONDecodeError: {e}; expected one JSON object per line") from None
+
 def csv_rows(path, columns, ints=(), multiline: bool = False) -> Iterator[tuple[str, dict]]:
     """Yield ("file:line", row) per CSV record (its first line), the `ints` columns as int. UserError for a missing
     column, a header and no rows, a short row, a non-integer in `ints`, or (unless multiline) a line break in a
     field: in a file that has none, it is an unclosed quote that swallowed the rows after it."""
     reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    path = "<stdin>" if str(path) == "-" else path
     header = reader.fieldnames or []
     missing = [c for c in columns if c not in header]
     if missing:
@@ -220,6 +238,9 @@ def read_checkpoint(path, keys=("config", "lora")) -> dict:
                         "written by train.py; a model folder goes to --model")
     if not zipfile.is_zipfile(path):
         raise UserError(f"{path}: not a torch checkpoint (truncated, or another kind of file)")
+    damaged = zipfile.ZipFile(path).testzip()  # the first entry whose bytes fail their CRC, or None
+    if damaged:
+        raise UserError(f"{path}: corrupt: {damaged} fails its checksum; use an intact copy (or ckpt_last.pt)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -233,4 +254,7 @@ def read_checkpoint(path, keys=("config", "lora")) -> dict:
         if key not in ckpt:
             hint = "; to resume, give ckpt_last.pt (ckpt.pt keeps only the best adapter)" if key == "optimizer" else ""
             raise UserError(f"{path}: missing key {key!r}{hint}")
+    adapter = ckpt.get("lora", {})
+    if not isinstance(adapter, dict) or not all(torch.is_tensor(t) and t.isfinite().all() for t in adapter.values()):
+        raise UserError(f"{path}: its adapter ('lora') is not a dict of finite tensors")
     return ckpt

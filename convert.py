@@ -205,7 +205,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> No
 def run_config(ckpt: dict, path) -> dict:
     """The run config of a checkpoint read by cli.read_checkpoint; cli.UserError naming a missing key."""
     cfg = ckpt["config"]
-    missing = [k for k in ("model", "targets", "r", "lora_alpha") if k not in cfg]
+    missing = [k for k in ("model", "data", "window", "max_len", "targets", "r", "lora_alpha") if k not in cfg]
     if missing:
         raise cli.UserError(f"{path}: its config lacks {missing}; expected a checkpoint written by train.py")
     return cfg

@@ -185,16 +185,10 @@ def load_descriptions(path) -> dict[tuple, str]:
     """JSONL records (vision.py writes them) -> {(dataset, split, dialogue_id, utterance_id): description}.
     MissingError, or UserError naming file:line for a bad byte, line, record (_description) or a repeated key."""
     out = {}
-    for n, line in enumerate(cli.read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise cli.UserError(f"{path}:{n}: JSONDecodeError: {e}; expected one JSON object per line") from None
-        key, description = _description(record, f"{path}:{n}")
+    for where, record in cli.jsonl_records(path):
+        key, description = _description(record, where)
         if key in out:
-            raise cli.UserError(f"{path}:{n}: a second description of {key}; expected one per utterance")
+            raise cli.UserError(f"{where}: a second description of {key}; expected one per utterance")
         out[key] = description
     return out
 
@@ -248,6 +242,53 @@ def encode_example(tok, example: dict, max_len: int) -> tuple[list[int], int]:
             return ids + answer, len(answer)
     where = f"{example['dataset']} dialogue {example['dialogue_id']} utterance {example['utterance_id']}"
     raise cli.UserError(f"{where}: {len(ids)} prompt + {len(answer)} answer tokens without context > max_len {max_len}")
+
+def check_conversation(c, where: str, default_id) -> dict:
+    """A conversation to label, checked: {"id": any (default: default_id), "utterances": a non-empty list of
+    {"speaker": str, "text": str, "description": str (optional)}}. UserError naming `where` and the key."""
+    if not isinstance(c, dict) or not isinstance(c.get("utterances"), list) or not c["utterances"]:
+        raise cli.UserError(f"{where}: expected an object with a non-empty list 'utterances', got {c!r:.60}")
+    for i, u in enumerate(c["utterances"]):
+        if not isinstance(u, dict):
+            raise cli.UserError(f"{where}: utterances[{i}] is {u!r:.60}; expected an object")
+        for key in ("speaker", "text", "description"):
+            if not isinstance(u.get(key), str) and not (key == "description" and u.get(key) is None):
+                got = f"is {u[key]!r:.60}" if key in u else "is missing"
+                raise cli.UserError(f"{where}: utterances[{i}] key {key!r} {got}; expected a string")
+    return dict(id=c.get("id", default_id), utterances=c["utterances"])
+
+def read_conversations(path, fmt: str) -> list[dict]:
+    """Conversations from JSONL (fmt "jsonl": one per line, as check_conversation) or a CSV with MELD's
+    columns Dialogue_ID, Utterance_ID, Speaker, Utterance (Utterance_ID order). UserError naming file:line."""
+    if fmt == "csv":
+        ints = ("Dialogue_ID", "Utterance_ID")
+        dialogues = {}
+        for where, r in cli.csv_rows(path, ["Speaker", "Utterance", *ints], ints, multiline=True):
+            dialogue = dialogues.setdefault(r[ints[0]], {})
+            if r[ints[1]] in dialogue:
+                raise cli.UserError(f"{where}: Dialogue_ID {r[ints[0]]} Utterance_ID {r[ints[1]]} again")
+            dialogue[r[ints[1]]] = dict(speaker=r["Speaker"], text=r["Utterance"])
+        return [dict(id=d, utterances=[u[k] for k in sorted(u)]) for d, u in dialogues.items()]
+    conversations = []
+    for where, record in cli.jsonl_records(path):
+        conversations.append(check_conversation(record, where, len(conversations)))
+    if not conversations:
+        name = "<stdin>" if str(path) == "-" else path
+        raise cli.UserError(f"{name}: no conversation; expected one JSON object per line")
+    return conversations
+
+def cut_to_fit(tok, example: dict, max_len: int) -> bool:
+    """Cut the target text from its start, a tenth at a time, until encode_example fits it; True if cut."""
+    given = example["target"]["text"]
+    while True:
+        try:
+            encode_example(tok, dict(example, context=[]), max_len)
+            return example["target"]["text"] != given
+        except cli.UserError:
+            text = example["target"]["text"]
+            if not text:
+                raise  # the prompt does not fit even without the utterance's text
+            example["target"] = dict(example["target"], text=text[len(text) // 10 + 1:])
 
 def _stats(args) -> None:
     """Per split: dialogues, utterances, label counts, prompt+answer length percentiles in tokens."""

@@ -5,7 +5,9 @@ once, the labels reuse its KV cache), so every prediction is a valid label. `--g
 counts an answer that names no label as wrong (DialogueLLM's released code picked a random label instead).
 Metrics follow scikit-learn: weighted F1 weights each class's F1 by its support in y_true."""
 import argparse
+import contextlib
 import json
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -160,13 +162,52 @@ def calibrated_report(rows: list[dict], bias: dict | None = None, fit: bool = Fa
     res["calibrated"] = bool(bias)
     return res, bias
 
+def pick_label_set(ckpt: dict, name: str | None = None) -> str:
+    """`name`, else the first dataset the checkpoint was trained on; UsageError listing them if not one."""
+    trained = ckpt["config"]["data"]
+    names = list(ckpt.get("labels") or (data.DATASETS if trained == "all" else trained.split(",")))
+    cli.check_names("--label-set", [name or names[0]], names)
+    return name or names[0]
+
+def label_conversations(model, tok, ckpt: dict, conversations: list, label_set: str | None = None,
+                        batch_size: int = 8, progress: bool = False) -> list[dict]:
+    """Label each utterance of `conversations` (see data.check_conversation) as evaluation does: with the
+    checkpoint's window, max_len, template and dev-fitted offsets, and the labels of pick_label_set. One row per
+    utterance, in order: id, index, speaker, text (as given), label, probs {label: softmax of offset scores}."""
+    cfg = ckpt["config"]
+    name = pick_label_set(ckpt, label_set)
+    labels = data.LABELS[name]
+    conversations = [data.check_conversation(c, f"conversation {n}", n) for n, c in enumerate(conversations)]
+    ids = data.label_token_ids(tok, labels)
+    longest = max(labels, key=lambda label: len(ids[label]))  # the gold label is unknown: room for the longest
+    dialogues = [[dict(dataset=name, split="input", dialogue_id=n, utterance_id=i, label=longest,
+                       speaker=data.fix_text(u["speaker"]), text=data.fix_text(u["text"]))
+                  for i, u in enumerate(c["utterances"])] for n, c in enumerate(conversations)]
+    descriptions = {(name, "input", n, i): u.get("description")
+                    for n, c in enumerate(conversations) for i, u in enumerate(c["utterances"])}
+    examples = data.build_examples(dialogues, cfg["window"], descriptions)
+    n_cut = sum(data.cut_to_fit(tok, e, cfg["max_len"]) for e in examples)
+    if n_cut:
+        print(f"warning: cut the start of {n_cut} utterance(s) over max_len {cfg['max_len']}", file=sys.stderr)
+    rows = predict(model, tok, examples, cfg["max_len"], batch_size, progress=progress)
+    bias = (ckpt.get("label_bias") or {}).get(name, [0.0] * len(labels))  # none: trained without calibration
+    calibrate(rows, {name: bias})
+    out = []
+    for r in rows:
+        conversation = conversations[r["dialogue_id"]]
+        u = conversation["utterances"][r["utterance_id"]]
+        shifted = torch.tensor([r["scores"][label] + b for label, b in zip(labels, bias)], dtype=torch.float64)
+        out.append(dict(id=conversation["id"], index=r["utterance_id"], speaker=u["speaker"], text=u["text"],
+                        label=r["pred"], probs=dict(zip(labels, shifted.softmax(0).tolist()))))
+    return out
+
 # ---------------------------------------------------------------- the command line
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("ckpt", nargs="?", help="checkpoint from train.py (omit with --zero-shot)")
     p.add_argument("--data", help="meld, emorynlp, iemocap, a comma list or all (default: the trained ones)")
-    p.add_argument("--split", default="test", choices=data.SPLITS)
+    p.add_argument("--split", choices=data.SPLITS, help="default: test")
     p.add_argument("--data-dir")
     p.add_argument("--limit", type=cli.positive_int, help="the first N utterances only")
     p.add_argument("--descriptions", help="video descriptions JSONL; described utterances are also scored without")
@@ -180,7 +221,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=cli.positive_int, default=8)
     p.add_argument("--out", help="parent folder of the results (default: the checkpoint's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--input", help="label your own conversations: a JSONL or CSV file, or - for stdin")
+    p.add_argument("--format", choices=("jsonl", "csv"), help="--input's format (default: from its name)")
+    p.add_argument("--label-set", help="--input: the labels of this trained dataset (default: the first)")
     a = p.parse_args(argv)
+    flags = {"--data": a.data, "--split": a.split, "--limit": a.limit, "--descriptions": a.descriptions,
+             "--generate": a.generate, "--zero-shot": a.zero_shot, "--max-len": a.max_len, "--out": a.out}
+    given = [flag for flag, value in flags.items() if value]
+    if a.input and given:
+        raise cli.UsageError(f"--input labels with the checkpoint's settings; it takes no {', '.join(given)}")
+    if not a.input and (a.format or a.label_set):
+        raise cli.UsageError("--format and --label-set go with --input")
+    a.format = a.format or {".jsonl": "jsonl", ".csv": "csv"}.get(Path(a.input or "").suffix.lower())
+    if a.input and not a.format:
+        raise cli.UsageError(f"--input {a.input}: give --format jsonl or csv (or a name ending .jsonl or .csv)")
+    a.split = a.split or "test"
     if a.zero_shot == bool(a.ckpt):
         p.error("give a checkpoint, or --zero-shot (not both)")
     if a.described_only and not a.descriptions:
@@ -189,6 +244,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         cli.check_names("--data", a.data.split(","), (*data.DATASETS, "all"))
     cli.check_device(a.device)
     return a
+
+def label_main(a: argparse.Namespace) -> None:
+    """--input: labels as JSON lines on stdout, all else on stderr; input checked before the model loads."""
+    ckpt = cli.read_checkpoint(a.ckpt)
+    convert.run_config(ckpt, a.ckpt)  # UserError for a config without the keys used here
+    name = pick_label_set(ckpt, a.label_set)
+    conversations = data.read_conversations(a.input, a.format)  # "-": stdin
+    print(f"label set: {name} {data.LABELS[name]}", file=sys.stderr)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout holds the labels only
+        model, tok, _ = load_checkpoint(a.ckpt, a.device)
+        rows = label_conversations(model, tok, ckpt, conversations, name, a.batch_size, progress=True)
+    sys.stdout.writelines(json.dumps(r) + "\n" for r in rows)
 
 def results_dir(a: argparse.Namespace, trained_data: str) -> Path:
     """This evaluation's folder: its name encodes every option that changes the results, so variants never share
@@ -232,10 +299,12 @@ def show(title: str, res: dict, split: str) -> None:
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.input:
+        return label_main(a)
     cfg = dict(data="meld", window=a.window, max_len=data.MAX_LEN)  # --zero-shot
     if a.ckpt:
         ckpt = cli.read_checkpoint(a.ckpt)
-        cfg = dict(ckpt["config"], label_bias=ckpt.get("label_bias"))  # the window and max_len it was trained with
+        cfg = dict(convert.run_config(ckpt, a.ckpt), label_bias=ckpt.get("label_bias"))  # as trained
     out = results_dir(a, cfg["data"])
     cli.check_writable(out)
     if a.ckpt:

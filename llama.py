@@ -1,10 +1,8 @@
 """LLaMA-family decoder in plain PyTorch: model, KV cache, generation, label scoring, loading, tokenizers.
 
-Follows the LLaMA papers (Touvron et al. 2023, arXiv 2302.13971 and 2307.09288, section 2) and Meta's
-reference `model.py`: pre-norm RMSNorm, rotary embedding, grouped-query attention, SwiGLU. Rotary uses the
-half-split layout of Hugging Face checkpoints, whose folders it loads (convert.py makes one from a GGUF file).
-Shapes: B batch, T new tokens, S cached + new tokens, H heads, K kv heads, D head_dim, C dim, V vocab_size.
-"""
+Follows LLaMA (Touvron et al. 2023, arXiv 2302.13971, 2307.09288, section 2) and Meta's `model.py`: pre-norm
+RMSNorm, rotary embedding (half-split, as the Hugging Face folders it loads), grouped-query attention, SwiGLU.
+Shapes: B batch, T new tokens, S cached + new tokens, H heads, K kv heads, D head_dim, C dim, V vocab_size."""
 import math
 import os
 from dataclasses import dataclass
@@ -35,20 +33,18 @@ class ModelArgs:
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelArgs":
-        """From a Hugging Face `LlamaForCausalLM` config.json dict; KeyError naming a missing key. Reads
-        rope settings as `rope_theta` + `rope_scaling` (LLaMA releases) or `rope_parameters` (HF 5)."""
+        """From HF config.json; rope: `rope_theta` + `rope_scaling`, or `rope_parameters` (HF 5); KeyError."""
         rope = cfg.get("rope_parameters") or {}
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
             raise ValueError(f"rope_scaling {scaling} is not supported (only 'llama3')")
         n_heads = cfg["num_attention_heads"]
-        return cls(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+        return cls(dim=cfg["hidden_size"], tie_embeddings=cfg.get("tie_word_embeddings", False),
+                   n_layers=cfg["num_hidden_layers"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                   n_heads=n_heads, head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
                    n_kv_heads=cfg.get("num_key_value_heads") or n_heads, hidden_dim=cfg["intermediate_size"],
-                   head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-                   vocab_size=cfg["vocab_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_scaling=scaling,
-                   rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
-                   tie_embeddings=cfg.get("tie_word_embeddings", False),
-                   max_seq_len=cfg.get("max_position_embeddings", 4096))
+                   vocab_size=cfg["vocab_size"], max_seq_len=cfg.get("max_position_embeddings", 4096),
+                   rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)), rope_scaling=scaling)
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 and cast back (LLaMA section 2.2; HF LlamaRMSNorm)."""
@@ -63,19 +59,18 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * inv_rms).to(x.dtype)
 
 def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
-    """Inverse frequencies (D/2,) float32, with LLaMA-3.1's long-context scaling when configured."""
+    """Inverse frequencies (D/2,) float32; Llama 3.1 scaling if configured (HF _compute_llama3_parameters)."""
     exponents = torch.arange(0, args.head_dim, 2, device=device, dtype=torch.float32) / args.head_dim
     inv = 1.0 / args.rope_theta ** exponents
     s = args.rope_scaling
     if not s or s.get("rope_type", s.get("type")) != "llama3":
         return inv
-    # Llama 3.1 (HF _compute_llama3_parameters): keep high frequencies, divide low ones by factor, blend.
     old = s["original_max_position_embeddings"]  # the context length the model was pretrained at
     lo, hi = s["low_freq_factor"], s["high_freq_factor"]
     wavelen = 2 * math.pi / inv
     smooth = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)
-    scaled = torch.where(wavelen > old / lo, inv / s["factor"], inv)
-    mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+    scaled = torch.where(wavelen > old / lo, inv / s["factor"], inv)  # low frequencies / factor, high kept
+    mid = (wavelen <= old / lo) & (wavelen >= old / hi)  # between the two: a blend
     return torch.where(mid, (1 - smooth) * inv / s["factor"] + smooth * inv, scaled)
 
 def apply_rope(x, cos, sin):
@@ -84,8 +79,7 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 class KVCache:
-    """Keys and values of past tokens per layer, n_kv_heads heads (never repeated): k[i], v[i] (B, K, S, D);
-    mask (B, S) bool, True at real (non-padding) tokens."""
+    """Past keys/values per layer, k[i], v[i] (B, K, S, D) with K heads; mask (B, S) False at padding."""
     def __init__(self, n_layers: int):
         self.k = [None] * n_layers
         self.v = [None] * n_layers
@@ -107,7 +101,7 @@ class KVCache:
         return c
 
 class Attention(nn.Module):
-    """Grouped-query attention: n_heads query heads share n_kv_heads key/value heads (Ainslie et al. 2023)."""
+    """Grouped-query attention (Ainslie et al. 2023): H query heads share K kv heads via SDPA's enable_gqa."""
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer = layer  # this layer's slot in a KVCache
@@ -125,7 +119,6 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, K, S, D)
-        # enable_gqa lets SDPA broadcast K heads over H query heads without a repeat_kv copy.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                            enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
@@ -156,11 +149,8 @@ class Block(nn.Module):
 
 def padded_positions(mask, cache):
     """Rotary positions (B, T) and attention mask (B, 1, T, S) bool, for mask (B, T) True at real tokens.
-    A position counts the real tokens before it, cached ones too, so a padded row gets the positions it
-    would have alone; a query sees the real keys up to itself. Sets cache.mask."""
-    past = mask[:, :0]  # (B, 0): no cached tokens
-    if cache is not None and cache.mask is not None:
-        past = cache.mask  # (B, S - T)
+    A position counts the real tokens before it, cached too, as in an unpadded row. Sets cache.mask."""
+    past = cache.mask if cache is not None and cache.mask is not None else mask[:, :0]  # (B, S - T)
     pos = past.sum(1, keepdim=True) + mask.cumsum(1) - 1  # (B, T)
     keys = torch.cat([past, mask], dim=1)  # (B, S)
     T, S = mask.shape[1], keys.shape[1]
@@ -185,11 +175,9 @@ class Transformer(nn.Module):
         self.checkpointing = False  # per-block activation checkpointing, set by train.py
 
     def forward(self, tokens, mask=None, cache=None, logits_at=None):
-        """Logits of next tokens, float32 (B, T, V), or (N, V) at the N positions logits_at picks.
-
-        tokens: (B, T) int64. mask: (B, T) bool, True at real tokens, padding anywhere; without mask and
-        cache the fast causal path runs. cache: a KVCache, read and extended in place. logits_at: a bool
-        (B, T) or an index: the head is a small model's largest matmul; training needs 2 positions a row."""
+        """Logits float32 (B, T, V), or (N, V) at the N positions logits_at (bool (B, T) or index) picks, as
+        the head is a small model's largest matmul. tokens (B, T) int64; mask (B, T) bool, True at real
+        tokens, padding anywhere (no mask, no cache: fast causal path); cache: a KVCache, grown in place."""
         B, T = tokens.shape
         if mask is None and cache is None:  # the fast path: SDPA's is_causal, no mask tensor
             pos = torch.arange(T, device=tokens.device).expand(B, T)
@@ -214,11 +202,9 @@ class Transformer(nn.Module):
         return self.output(self.norm(h)).float()
 
 # ---------------------------------------------------------------- generation and label scoring
-
 @torch.inference_mode()
 def generate(model, prompt: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
-    """Greedy continuation of one prompt (list of ids) with the KV cache, as Meta's generation.py at
-    temperature 0: the new ids, stopping after eos_id, which is included."""
+    """Greedy new ids with the KV cache (Meta's generation.py at temperature 0); stops after eos_id, kept."""
     device = model.tok_embeddings.weight.device
     cache = KVCache(model.args.n_layers)
     x = torch.tensor([prompt], device=device)  # (1, T), then (1, 1) per new token
@@ -243,10 +229,8 @@ def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
 
 @torch.inference_mode()
 def score_continuations(model, prompts: list[list[int]], candidates: list[list[int]], pad_id: int):
-    """Log-probabilities (len(prompts), len(candidates)) float32: each candidate's summed token log-probs.
-
-    Each prompt runs once (right-padded with pad_id, masked); its KV cache is then shared by all candidates
-    (`KVCache.expand`), which run as one batch. A first token is scored from its prompt's last logits."""
+    """Summed token log-probs (len(prompts), len(candidates)) float32 of each candidate after each prompt.
+    A prompt runs once (right-padded, masked); all candidates share its KV cache (`expand`) in one batch."""
     device = model.tok_embeddings.weight.device
     B, C = len(prompts), len(candidates)
     x, m = pad_right(prompts, pad_id, device)  # (B, T)
@@ -259,22 +243,19 @@ def score_continuations(model, prompts: list[list[int]], candidates: list[list[i
     scores = first[:, cand[:, 0]]  # (B, C): log p(first candidate token | prompt)
     if L == 1:
         return scores.float()
-    # The later candidate tokens: one pass of B*C rows (row b*C + c) through the cache of every prompt.
-    cache = cache.expand(C)
-    inputs = cand[:, :-1].repeat(B, 1)  # (B*C, L-1)
+    cache = cache.expand(C)  # later candidate tokens: one pass of B*C rows through every prompt's cache
+    inputs = cand[:, :-1].repeat(B, 1)  # (B*C, L-1), row b*C + c
     logp = model(inputs, mask=cm[:, :-1].repeat(B, 1), cache=cache).log_softmax(-1)  # (B*C, L-1, V)
     nxt = cand[:, 1:].repeat(B, 1)  # (B*C, L-1): the token each position predicts
     tok_lp = logp.gather(-1, nxt[..., None])[..., 0].view(B, C, L - 1)
     return (scores + (tok_lp * cm[:, 1:]).sum(-1)).float()  # padding tokens count 0
 
 # ---------------------------------------------------------------- loading a Hugging Face folder
-
-HF_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
+HF_NAMES = {"tok_embeddings": "model.embed_tokens", "output": "lm_head", "attention_norm": "input_layernorm",
             "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-            "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-            "ffn_norm": "post_attention_layernorm"}
+            "feed_forward.w3": "mlp.up_proj", "ffn_norm": "post_attention_layernorm", "norm": "model.norm"}
 
 def ours_to_hf(name: str) -> str:
     """'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight'; KeyError if none."""
@@ -284,18 +265,22 @@ def ours_to_hf(name: str) -> str:
         return f"model.layers.{i}.{HF_NAMES[part]}.{tensor}"
     return f"{HF_NAMES[module]}.{tensor}"
 
+def read_args(path: str | os.PathLike) -> ModelArgs:
+    """ModelArgs of a model folder's config.json; cli.UserError naming the file if it is not a LLaMA config."""
+    file = Path(path) / "config.json"
+    cfg = cli.read_json(file)
+    try:
+        return ModelArgs.from_hf(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise cli.UserError(f"{file}: not a LLaMA config ({type(e).__name__}: {e})") from None
+
 def load(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[Transformer, "Tokenizer"]:
-    """(Transformer in eval mode, Tokenizer) from a FOLDER (convert.model_dir finds one); its weights are
-    model.safetensors or the shards model.safetensors.index.json lists. Built on the meta device, each tensor
-    assigned from safetensors in `dtype`: no float32 detour (as gpt-fast). cli.MissingError for a missing
-    file; cli.UserError for a config.json that is not LLaMA's, or missing or unexpected tensors (named)."""
+    """(Transformer in eval mode, Tokenizer) from a FOLDER: model.safetensors or the shards of its index.json,
+    built on the meta device and assigned in `dtype`, no float32 detour (as gpt-fast). cli.MissingError for a
+    missing file; cli.UserError for a non-LLaMA config.json, or missing or unexpected tensors (named)."""
     from safetensors import safe_open  # here, not at the top: `import llama` stays light
     path = Path(path)
-    cfg = cli.read_json(path / "config.json")
-    try:
-        args = ModelArgs.from_hf(cfg)
-    except (KeyError, TypeError, ValueError) as e:
-        raise cli.UserError(f"{path / 'config.json'}: not a LLaMA config ({type(e).__name__}: {e})") from None
+    args = read_args(path)
     with torch.device("meta"):
         model = Transformer(args)
     tied = args.tie_embeddings  # then lm_head.weight is the embedding: neither needed nor refused
@@ -324,11 +309,9 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[Tr
     return model.eval(), load_tokenizer(path)
 
 # ---------------------------------------------------------------- tokenizers
-
 class Tokenizer:
-    """One interface over sentencepiece (`tokenizer.model`: LLaMA-1/2) and `tokenizer.json` (LLaMA-3,
-    SmolLM2). encode() adds BOS/EOS only when asked, so a prompt has exactly one BOS. pad_id is eos_id when
-    the model has none (losses and scores use masks, not pad ids). cli.MissingError without either file."""
+    """sentencepiece `tokenizer.model` (LLaMA-1/2) or `tokenizer.json` (LLaMA-3, SmolLM2); BOS/EOS only when
+    asked. pad_id falls back to eos_id (losses and scores use masks). cli.MissingError without either file."""
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
         self.sp = None
@@ -359,5 +342,4 @@ class Tokenizer:
         return self.sp.decode(ids) if self.sp else self.hf.decode(ids, skip_special_tokens=True)
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a model folder (see Tokenizer)."""
     return Tokenizer(path)

@@ -264,6 +264,13 @@ def save(path: Path, meta: dict, model, **extra) -> None:
         raise cli.UserError(f"the adapter is not finite; {path} not written")
     cli.atomic_write(path, dict(meta, lora=adapter, **extra))
 
+def saved_config(state: dict, path) -> Config:
+    """The Config a checkpoint was trained with; UserError naming fields this train.py does not know."""
+    unknown = sorted(set(state["config"]) - {f.name for f in fields(Config)})
+    if unknown:
+        raise cli.UserError(f"{path}: its config has fields {unknown} that this train.py does not know")
+    return Config(**state["config"])
+
 def resume(state: dict, model, opt, out: Path, main_proc: bool) -> tuple[int, float]:
     """Load a ckpt_last.pt's adapter and optimizer state; drop the log rows of steps after it: (step, best).
     No RNG state is needed: lr and dropout masks are functions of the step, and the batches of (seed, epoch)."""
@@ -326,7 +333,7 @@ def memory_plan(args: llama.ModelArgs, cfg: Config) -> list[tuple[str, int]]:
 def print_plan(cfg: Config, gpu_mem: float | None = None) -> None:
     """Print memory_plan for cfg.model's config.json, in GiB, and whether it fits gpu_mem GiB."""
     folder = convert.model_dir(cfg.model)
-    terms = memory_plan(llama.ModelArgs.from_hf(cli.read_json(folder / "config.json")), cfg)
+    terms = memory_plan(llama.read_args(folder), cfg)
     print(f"memory plan: {folder.name} on {cfg.device}, LoRA r={cfg.r} on {cfg.targets}, batch {cfg.batch_size} "
           f"x {cfg.max_len} tokens, dropout {cfg.dropout}, grad_ckpt {cfg.grad_ckpt}")
     for name, size in terms:
@@ -343,7 +350,7 @@ def main(argv=None):
         return convert.export(a.src, a.export_peft, a.export_merged)
     state = cli.read_checkpoint(a.resume, RESUME_KEYS) if a.resume else None
     if state:  # a resumed run is the saved run: same config, so the same batches and schedule
-        cfg = Config(**state["config"])
+        cfg = saved_config(state, a.resume)
     if a.dry_run:
         return print_plan(cfg, a.gpu_mem)
     cli.check_device(cfg.device)

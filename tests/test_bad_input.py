@@ -106,7 +106,7 @@ class Case:
     id: str
     script: str
     build: object  # (case folder, Shared) -> argv; writes the files the case needs into the case folder
-    expect: str  # a substring of the last stderr line
+    expect: str | tuple  # substring(s) of the last stderr line
     rc: int = 2
     absent: tuple = ()  # strings that must appear in neither stdout nor stderr
     timeout: float = 120
@@ -188,6 +188,7 @@ def train(fx: Shared, d: Path, *flags) -> list[str]:
 
 
 def vision(d: Path, *flags) -> list[str]:
+    """vision.py flags that pass its checks, but for `flags` (pairs: name without --, value; None drops it)."""
     (d / "videos").mkdir(exist_ok=True)
     base = dict(videos=str(d / "videos"), split="test", out=str(d / "d.jsonl"), endpoint="http://127.0.0.1:9/v1",
                 model="m")
@@ -217,6 +218,7 @@ def random_bytes(n=4096) -> bytes:
 
 
 def run_of(fx: Shared, d: Path) -> str:
+    """The ckpt.pt of a run_folder in d."""
     return str(run_folder(d, fx) / "ckpt.pt")
 
 
@@ -225,9 +227,18 @@ def corrupt(blob: bytes, member: str, fill: bytes) -> bytes:
     and the zip directory stay, only the member's CRC no longer matches."""
     info = next(i for i in zipfile.ZipFile(io.BytesIO(blob)).infolist() if i.filename.endswith(member))
     at = info.header_offset
-    start = at + 30 + int.from_bytes(blob[at + 26:at + 28], "little") + int.from_bytes(blob[at + 28:at + 30], "little")
+    name_len = int.from_bytes(blob[at + 26:at + 28], "little")
+    extra_len = int.from_bytes(blob[at + 28:at + 30], "little")
+    start = at + 30 + name_len + extra_len  # a 30-byte local header, the name, the extra field, then the data
     n = info.compress_size // 2
     return blob[:start + n // 2] + fill * n + blob[start + n // 2 + n:]
+
+
+def resume_from_another_version(d: Path, fx: Shared) -> str:
+    """A ckpt_last.pt whose config has a field this train.py does not know (a flag since renamed or removed)."""
+    ckpt = torch.load(io.BytesIO(fx.ckpt_last), weights_only=True)
+    ckpt["config"].update(compile=True, out=str(d / "run"))
+    return ckpt_file(d, ckpt, "ckpt_last.pt")
 
 
 def base_model_gone(d: Path, fx: Shared) -> str:
@@ -261,12 +272,14 @@ CASES = [
          "argument --max-steps"),
     Case("train_data_smaller_than_one_step", "train.py",  # 24 examples, batch 8 x 64 micro-batches: no step
          lambda d, fx: train(fx, d, "--batch-size", "8", "--grad-accum", "64", "--targets", "wq", "--r", "2"),
-         "--grad-accum", rc=1, absent=("adapter in",)),
+         ("24 training examples", "--grad-accum"), rc=1, absent=("adapter in",)),
     # unchecked flags
-    Case("train_batch_size_zero", "train.py", lambda d, fx: train(fx, d, "--batch-size", "0"), "argument --batch-size"),
+    Case("train_batch_size_zero", "train.py", lambda d, fx: train(fx, d, "--batch-size", "0"),
+         "argument --batch-size"),
     Case("eval_batch_size_negative", "eval.py", lambda d, fx: [run_of(fx, d), "--batch-size", "-1"],
          "argument --batch-size"),
-    Case("train_grad_accum_zero", "train.py", lambda d, fx: train(fx, d, "--grad-accum", "0"), "argument --grad-accum"),
+    Case("train_grad_accum_zero", "train.py", lambda d, fx: train(fx, d, "--grad-accum", "0"),
+         "argument --grad-accum"),
     Case("train_dev_limit_zero", "train.py", lambda d, fx: train(fx, d, "--dev-limit", "0"), "argument --dev-limit"),
     Case("train_calibrate_misspelt", "train.py", lambda d, fx: train(fx, d, "--calibrate", "ture"),
          "argument --calibrate"),
@@ -279,12 +292,13 @@ CASES = [
     Case("eval_cuda_without_gpu", "eval.py", lambda d, fx: [run_of(fx, d), "--device", "cuda"], "--device cuda"),
     Case("train_device_xla", "train.py", lambda d, fx: train(fx, d, "--device", "xla"), "--device xla"),
     Case("train_device_not_a_name", "train.py", lambda d, fx: train(fx, d, "--device", "gpu"), "--device"),
-    Case("train_unknown_dataset", "train.py", lambda d, fx: train(fx, d, "--data", "friends"), "emorynlp"),
-    Case("eval_unknown_dataset", "eval.py", lambda d, fx: [run_of(fx, d), "--data", "meld,friends"], "emorynlp"),
+    Case("train_unknown_dataset", "train.py", lambda d, fx: train(fx, d, "--data", "friends"), ("--data", "emorynlp")),
+    Case("eval_unknown_dataset", "eval.py", lambda d, fx: [run_of(fx, d), "--data", "meld,friends"],
+         ("--data", "emorynlp")),
     Case("data_unknown_dataset", "data.py", lambda d, fx: stats(fx.data, fx, "--data", "mled"), "--data"),
     Case("eval_unknown_split", "eval.py", lambda d, fx: [run_of(fx, d), "--split", "validation"], "argument --split"),
     Case("train_unknown_lora_target", "train.py", lambda d, fx: train(fx, d, "--targets", "wq,q_proj"),
-         "wq, wk, wv, wo, w1, w2, w3"),
+         ("--targets", "wq, wk, wv, wo, w1, w2, w3")),
     Case("eval_window_negative", "eval.py",
          lambda d, fx: ["--zero-shot", "--model", str(fx.model), "--window", "-1"], "argument --window"),
     Case("eval_neither_checkpoint_nor_zero_shot", "eval.py", lambda d, fx: ["--limit", "3"], "--zero-shot"),
@@ -295,15 +309,16 @@ CASES = [
          "argument --gpu-mem"),
     Case("data_nothing_to_do", "data.py", lambda d, fx: [], "--stats"),
     # checkpoints: say what the file is instead
-    Case("eval_checkpoint_missing", "eval.py", lambda d, fx: [str(d / "runs/ckpt.pt")], "ckpt.pt: checkpoint not found",
-         rc=1),
+    Case("eval_checkpoint_missing", "eval.py", lambda d, fx: [str(d / "runs/ckpt.pt")],
+         "runs/ckpt.pt: checkpoint not found", rc=1),
     Case("eval_checkpoint_empty", "eval.py", lambda d, fx: [ckpt_file(d, b"")], "empty file", rc=1),
     Case("eval_checkpoint_random_bytes", "eval.py", lambda d, fx: [ckpt_file(d, random_bytes())],
          "not a torch checkpoint", rc=1),
     Case("eval_checkpoint_truncated_zip", "eval.py", lambda d, fx: [ckpt_file(d, fx.ckpt[:len(fx.ckpt) // 2])],
          "truncated", rc=1),
-    Case("eval_checkpoint_corrupt_pickle", "eval.py", lambda d, fx: [ckpt_file(d, corrupt(fx.ckpt, "data.pkl", b"\0"))],
-         "ckpt.pt", rc=1, absent=("could run code",)),
+    Case("eval_checkpoint_corrupt_pickle", "eval.py",  # zero bytes: a corrupt file, not a pickled payload
+         lambda d, fx: [ckpt_file(d, corrupt(fx.ckpt, "data.pkl", b"\0"))], "ckpt.pt", rc=1,
+         absent=("could run code",)),
     Case("eval_checkpoint_corrupt_tensor", "eval.py",  # 0xff bytes: NaN adapter weights
          lambda d, fx: [ckpt_file(d, corrupt(fx.ckpt, "data/0", b"\xff"))], "ckpt.pt", rc=1),
     Case("eval_checkpoint_is_safetensors", "eval.py",
@@ -320,17 +335,18 @@ CASES = [
          lambda d, fx: ["--resume", ckpt_file(d, {"config": {}, "lora": {}, "payload": Payload()})], "refused",
          rc=1, absent=("weights_only=False",)),
     Case("train_resume_best_not_last", "train.py", lambda d, fx: ["--resume", run_of(fx, d)], "ckpt_last.pt", rc=1),
+    Case("train_resume_config_of_another_version", "train.py",
+         lambda d, fx: ["--resume", resume_from_another_version(d, fx)], ("ckpt_last.pt", "compile"), rc=1),
     Case("train_export_random_bytes", "train.py",
          lambda d, fx: ["--export-peft", str(d / "peft"), "--from", ckpt_file(d, random_bytes())],
          "not a torch checkpoint", rc=1),
     Case("eval_checkpoint_base_model_gone", "eval.py", lambda d, fx: [base_model_gone(d, fx)], "gone", rc=1),
     # model folders
-    Case("model_without_config_json", "train.py", lambda d, fx: train(fx, d, "--dry-run", "--model",
-                                                                       model_folder(d, fx, None)),
-         "config.json", rc=1),
-    Case("model_config_json_not_json", "train.py", lambda d, fx: train(fx, d, "--dry-run", "--model",
-                                                                        model_folder(d, fx, "{'hidden_size': 64,")),
-         "config.json", rc=1),
+    Case("model_without_config_json", "train.py",
+         lambda d, fx: train(fx, d, "--dry-run", "--model", model_folder(d, fx, None)), "config.json", rc=1),
+    Case("model_config_json_not_json", "train.py",
+         lambda d, fx: train(fx, d, "--dry-run", "--model", model_folder(d, fx, "{'hidden_size': 64,")),
+         "model/config.json", rc=1),
     Case("model_config_json_without_keys", "train.py",
          lambda d, fx: train(fx, d, "--dry-run", "--model", model_folder(d, fx, '{"hidden_size": 64}')),
          "config.json", rc=1),
@@ -338,12 +354,13 @@ CASES = [
     Case("split_header_and_no_rows", "data.py", lambda d, fx: stats(meld_with(d, fx, "test", lambda L: L[:1]), fx),
          "test_sent_emo.csv", rc=1),
     Case("split_duplicate_ids", "data.py",
-         lambda d, fx: stats(meld_with(d, fx, "dev", lambda L: [*L, row("0", "1")]), fx), "dev_sent_emo.csv:26",
-         rc=1),
+         lambda d, fx: stats(meld_with(d, fx, "dev", lambda L: [*L, row("0", "1")]), fx),
+         ("dev_sent_emo.csv:26", "dev_sent_emo.csv:3)"), rc=1),
     Case("split_unclosed_quote", "data.py", lambda d, fx: stats(meld_with(d, fx, "train", unclosed_quote), fx),
-         "unclosed quote", rc=1),
+         ("train_sent_emo.csv:4", "unclosed quote"), rc=1),
     Case("split_id_not_an_integer", "data.py",
-         lambda d, fx: stats(meld_with(d, fx, "train", lambda L: [*L, row(dialogue="x")]), fx), "Dialogue_ID", rc=1),
+         lambda d, fx: stats(meld_with(d, fx, "train", lambda L: [*L, row(dialogue="x")]), fx),
+         ("train_sent_emo.csv:26", "Dialogue_ID"), rc=1),
     Case("split_unknown_label", "data.py",
          lambda d, fx: stats(meld_with(d, fx, "train", lambda L: [*L, row(label="happy")]), fx),
          "train_sent_emo.csv:26", rc=1),
@@ -362,11 +379,11 @@ CASES = [
                         str(d / "evals")], "test_sent_emo.csv", rc=1),
     Case("descriptions_id_a_string", "data.py",
          lambda d, fx: stats(fx.data, fx, "--descriptions", descriptions(d, {**DESCRIPTION, "dialogue_id": "0"})),
-         "'dialogue_id'", rc=1),
+         ("descriptions.jsonl:2", "'dialogue_id'"), rc=1),
     Case("descriptions_description_a_number", "data.py",
          lambda d, fx: stats(fx.data, fx, "--descriptions",
                              descriptions(d, {**DESCRIPTION, "utterance_id": 1, "description": 5})),
-         "'description'", rc=1),
+         ("descriptions.jsonl:2", "'description'"), rc=1),
     Case("descriptions_record_a_list", "data.py",
          lambda d, fx: stats(fx.data, fx, "--descriptions", descriptions(d, "[1, 2]")), "descriptions.jsonl:2", rc=1),
     Case("descriptions_missing_key", "data.py",
@@ -386,7 +403,8 @@ CASES = [
          lambda d, fx: stats(fx.data, fx, "--descriptions", str(d / "none.jsonl")), "none.jsonl", rc=1),
     Case("eval_descriptions_wrong_type", "eval.py",
          lambda d, fx: ["--zero-shot", "--model", str(fx.model), "--out", str(d / "evals"), "--descriptions",
-                        descriptions(d, {**DESCRIPTION, "utterance_id": 1.0})], "'utterance_id'", rc=1),
+                        descriptions(d, {**DESCRIPTION, "utterance_id": 1.0})],
+         ("descriptions.jsonl:2", "'utterance_id'"), rc=1),
     Case("convert_descriptions_not_a_list", "data.py",
          lambda d, fx: ["--convert-descriptions", ckpt_file(d, b'{"video_id": "dia0_utt0.mp4"}', "ann.json"),
                         str(d / "out.jsonl")], "ann.json", rc=1),
@@ -416,11 +434,14 @@ PLAIN_CHECKS = ("eval_checkpoint_random_bytes",)
 # ---------------------------------------------------------------- running them
 
 def digest(tree: Path) -> dict[str, str]:
+    """sha256 of every file under tree, by path relative to it."""
     return {str(p.relative_to(tree)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(tree.rglob("*")) if p.is_file()}
 
 
 def make_shared(tree: Path, shared_models: Path) -> Shared:
+    """The tiny model, the synthetic MELD (24 utterances a split) and a train.py checkpoint of the model with a
+    zero-initialised... adapter, as train.py saves it (ckpt.pt; ckpt_last.pt with optimizer state)."""
     import data
     import llama
     import lora
@@ -519,8 +540,9 @@ def ran(tmp_path_factory, shared_models) -> Ran:
     results = top / "results"
     results.mkdir()
     env = environment(tree)
-    plain_mode = os.environ.get("BAD_INPUT_PLAIN") == "1"
+    plain_mode = os.environ.get("BAD_INPUT_PLAIN") == "1" or not hasattr(os, "fork")
     launcher = None
+    checks = {}
     if not plain_mode:
         launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(top / "cases.json"), str(results), str(JOBS)],
                                     cwd=ROOT, env=env)
@@ -542,8 +564,9 @@ def ran(tmp_path_factory, shared_models) -> Ran:
             out, err = proc.communicate(timeout=120)
             plain_results[name] = Result(proc.returncode, out, err, 0.0)
     finally:
-        if launcher is not None and launcher.poll() is None:
-            launcher.kill()
+        for proc in [launcher, *checks.values()]:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
     found = {s["id"]: read_result(results, s["id"]) for s in specs}
     for name, r in found.items():  # the table of what each case prints (shown with pytest -s)
         print(f"{name:45} {r.seconds:5.2f} s  exit {r.rc}  {r.last[:150]}")
@@ -555,12 +578,13 @@ def ran(tmp_path_factory, shared_models) -> Ran:
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
 def test_bad_input_gets_one_clear_line(ran, case):
     r = ran.results[case.id]
-    shown = f"{case.script} {case.id}: exit {r.rc} after {r.seconds} s\nstdout tail: {r.out[-800:]}\n" \
-            f"stderr tail: {r.err[-2500:]}"
+    shown = (f"{case.script} {case.id}: exit {r.rc} after {r.seconds} s\nstdout tail: {r.out[-800:]}\n"
+             f"stderr tail: {r.err[-2500:]}")
     assert "Traceback" not in r.err, shown
     assert r.rc == case.rc, shown
     assert r.last.startswith(f"{case.script}: error: "), shown
-    assert case.expect in r.last, shown
+    for text in (case.expect,) if isinstance(case.expect, str) else case.expect:
+        assert text in r.last, shown
     for text in case.absent:
         assert text not in r.out + r.err, shown
     assert ran.changed(f"cases/{case.id}/") == [], shown
@@ -575,7 +599,7 @@ def test_valid_input_next_to_bad_input_still_works(ran, case):
 
 def test_dry_run_cuda_prints_the_plan(ran):
     r = ran.results["train_dry_run_cuda_without_gpu"]
-    assert "memory plan" in r.out and "on cuda" in r.out and "GiB  total: fits in 24.0 GiB" in r.out, r.out
+    assert "memory plan" in r.out and "cuda" in r.out and "fits in 24" in r.out, r.out
 
 
 def test_a_limited_evaluation_keeps_its_own_folder(ran):

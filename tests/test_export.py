@@ -25,7 +25,8 @@ def ckpt(tmp_path, shared_models):
         for n, p in model.named_parameters():
             if n.endswith(".lora_B"):
                 p.normal_(0, 0.1)
-    config = dict(model=str(tmp_path / "model"), targets=TARGETS, r=4, lora_alpha=8, dropout=0.05)
+    config = dict(model=str(tmp_path / "model"), data="meld", window=2, max_len=256, targets=TARGETS, r=4, lora_alpha=8,
+                  dropout=0.05)
     cli.atomic_write(tmp_path / "ckpt.pt", dict(config=config, lora=lora.lora_state_dict(model)))
     return tmp_path / "ckpt.pt"
 
