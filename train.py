@@ -205,6 +205,12 @@ def get_lr(step: int, total: int, lr: float, warmup: int) -> float:
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
+def stopped(cfg: Config, problem: str, step: int) -> cli.UserError:
+    """The error that stops a run gone non-finite; it names the last good checkpoint only if there is one."""
+    last = Path(cfg.out) / "ckpt_last.pt"
+    kept = f"keeping the last good checkpoint {last}" if last.exists() else "no checkpoint was written yet"
+    return cli.UserError(f"{problem} at step {step + 1}; stopped, {kept}")
+
 def optimizer_step(model, opt, encoded, batches, lr: float, cfg: Config, step: int, pad_id: int, world: int,
                    rank: int) -> tuple[float, int]:
     """One AdamW step over this process's share of the step's micro-batches: (loss, tokens covered).
@@ -230,12 +236,12 @@ def optimizer_step(model, opt, encoded, batches, lr: float, cfg: Config, step: i
             dist.all_reduce(p.grad)
         dist.all_reduce(loss_sum)
     if not torch.isfinite(loss_sum):
-        last = Path(cfg.out) / "ckpt_last.pt"
-        kept = f"keeping the last good checkpoint {last}" if last.exists() else "no checkpoint was written yet"
-        raise cli.UserError(f"loss is {loss_sum.item()} at step {step + 1}; stopped, {kept}")
+        raise stopped(cfg, f"loss is {loss_sum.item()}", step)
     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if not all(p.isfinite().all() for p in params):  # e.g. an infinite gradient under a finite loss
+        raise stopped(cfg, "the adapter is not finite", step)
     return loss_sum.item(), tokens
 
 # ---------------------------------------------------------------- evaluation and saving
