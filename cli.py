@@ -121,8 +121,8 @@ def claim_run_folder(out, run_files, overwrite: bool) -> None:
     check_writable(out)
     found = [name for name in run_files if (out / name).exists()]
     if found and not overwrite:
-        raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); continue it with --resume "
-                         f"{out / 'ckpt_last.pt'}, or replace it with --overwrite")
+        resume = f"continue it with --resume {out / 'ckpt_last.pt'}, or " if "ckpt_last.pt" in found else ""
+        raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); {resume}replace it with --overwrite")
     for name in found:
         (out / name).unlink()
     out.mkdir(parents=True, exist_ok=True)
@@ -226,6 +226,9 @@ def read_checkpoint(path, keys=("config", "lora")) -> dict:
     missing one of `keys`. torch.load runs with weights_only=True, always.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: a folder; expected a checkpoint file such as {path / 'ckpt.pt'} "
+                        "(a model folder goes to --model)")
     if not path.is_file():
         raise MissingError(f"{path}: checkpoint not found")
     size = path.stat().st_size

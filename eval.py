@@ -134,7 +134,7 @@ def calibrate(rows: list[dict], bias: dict[str, list[float]] | None = None) -> d
             subset = [r for r in rows if r["dataset"] == name]
             scores = np.array([[r["scores"][label] for label in data.LABELS[name]] for r in subset])  # (N, C)
             bias[name] = fit_label_bias(scores, [r["gold"] for r in subset], data.LABELS[name]).tolist()
-    for r in rows:
+    for r in [r for r in rows if r["dataset"] in bias]:  # a dataset not fitted on keeps its raw argmax
         labels = data.LABELS[r["dataset"]]
         shifted = [r["scores"][label] + b for label, b in zip(labels, bias[r["dataset"]])]
         r["pred"] = labels[int(np.argmax(shifted))]
@@ -216,7 +216,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-calibration", action="store_true", help="ignore the label offsets fitted on dev")
     p.add_argument("--zero-shot", action="store_true", help="the base model --model with no adapter")
     p.add_argument("--model", default="default", help="base model for --zero-shot")
-    p.add_argument("--window", type=cli.natural_int, default=data.WINDOW, help="context window for --zero-shot")
+    p.add_argument("--window", type=cli.natural_int, help=f"--zero-shot: context window (default {data.WINDOW})")
     p.add_argument("--max-len", type=cli.positive_int, help="prompt + answer tokens (default: the checkpoint's)")
     p.add_argument("--batch-size", type=cli.positive_int, default=8)
     p.add_argument("--out", help="parent folder of the results (default: the checkpoint's)")
@@ -236,6 +236,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.input and not a.format:
         raise cli.UsageError(f"--input {a.input}: give --format jsonl or csv (or a name ending .jsonl or .csv)")
     a.split = a.split or "test"
+    if a.window is not None and not a.zero_shot:
+        raise cli.UsageError("--window goes with --zero-shot; a checkpoint's evaluation uses its own window")
+    if a.window is None:
+        a.window = data.WINDOW
     if a.zero_shot == bool(a.ckpt):
         p.error("give a checkpoint, or --zero-shot (not both)")
     if a.described_only and not a.descriptions:
@@ -269,6 +273,7 @@ def results_dir(a: argparse.Namespace, trained_data: str) -> Path:
         (a.max_len, f"len{a.max_len}"),
         (a.generate, "generate"),
         (a.no_calibration and not a.generate, "uncalibrated"),
+        (a.ckpt and Path(a.ckpt).stem != "ckpt", Path(a.ckpt or "").stem),  # e.g. ckpt_last: no label offsets
         (a.zero_shot, f"{Path(a.model).name}-window{a.window}"),
     ]
     return parent / "-".join([f"eval-{a.split}"] + [part for given, part in options if given])

@@ -270,11 +270,15 @@ def save(path: Path, meta: dict, model, **extra) -> None:
         raise cli.UserError(f"the adapter is not finite; {path} not written")
     cli.atomic_write(path, dict(meta, lora=adapter, **extra))
 
-def saved_config(state: dict, path) -> Config:
-    """The Config a checkpoint was trained with; UserError naming fields this train.py does not know."""
+def saved_config(state: dict, a: argparse.Namespace) -> Config:
+    """The Config a checkpoint was trained with. UsageError if other run flags were given (a resumed run is the
+    saved run), UserError naming fields this train.py does not know."""
+    given = [f"--{f.name.replace('_', '-')}" for f in fields(Config) if getattr(a, f.name) != f.default]
+    if given or a.overwrite:
+        raise cli.UsageError(f"--resume continues the saved run with its saved config; drop {given or '--overwrite'}")
     unknown = sorted(set(state["config"]) - {f.name for f in fields(Config)})
     if unknown:
-        raise cli.UserError(f"{path}: its config has fields {unknown} that this train.py does not know")
+        raise cli.UserError(f"{a.resume}: its config has fields {unknown} that this train.py does not know")
     return Config(**state["config"])
 
 def resume(state: dict, model, opt, out: Path, main_proc: bool) -> tuple[int, float]:
@@ -356,7 +360,7 @@ def main(argv=None):
         return convert.export(a.src, a.export_peft, a.export_merged)
     state = cli.read_checkpoint(a.resume, RESUME_KEYS) if a.resume else None
     if state:  # a resumed run is the saved run: same config, so the same batches and schedule
-        cfg = saved_config(state, a.resume)
+        cfg = saved_config(state, a)
     if a.dry_run:
         return print_plan(cfg, a.gpu_mem)
     cli.check_device(cfg.device)

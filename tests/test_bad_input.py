@@ -335,6 +335,12 @@ CASES = [
          lambda d, fx: ["--resume", ckpt_file(d, {"config": {}, "lora": {}, "payload": Payload()})], "refused",
          rc=1, absent=("weights_only=False",)),
     Case("train_resume_best_not_last", "train.py", lambda d, fx: ["--resume", run_of(fx, d)], "ckpt_last.pt", rc=1),
+    Case("train_resume_with_other_flags", "train.py",  # a resumed run is the saved run: flags are not ignored
+         lambda d, fx: ["--resume", str(run_folder(d, fx) / "ckpt_last.pt"), "--lr", "5"], ("--resume", "--lr")),
+    Case("eval_checkpoint_is_a_folder", "eval.py", lambda d, fx: [str(run_folder(d, fx))], ("a folder", "ckpt.pt"),
+         rc=1),
+    Case("eval_window_with_a_checkpoint", "eval.py", lambda d, fx: [run_of(fx, d), "--window", "4"],
+         ("--window", "--zero-shot")),
     Case("train_resume_config_of_another_version", "train.py",
          lambda d, fx: ["--resume", resume_from_another_version(d, fx)], ("ckpt_last.pt", "compile"), rc=1),
     Case("train_export_random_bytes", "train.py",

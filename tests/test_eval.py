@@ -176,3 +176,12 @@ def test_load_checkpoint_refuses_pickled_objects(tmp_path):
     torch.save({"config": {"model": "x"}, "lora": {}, "payload": Payload()}, path)
     with pytest.raises(ValueError, match="evil.pt"):
         ev.load_checkpoint(path)
+
+
+def test_calibrate_leaves_datasets_without_offsets_alone():
+    # A MELD-trained checkpoint evaluated on EmoryNLP: its offsets are for MELD only.
+    emory = data.LABELS["emorynlp"]
+    rows = [dict(dataset="emorynlp", gold="sad", pred="sad", scores={l: float(i == 6) for i, l in enumerate(emory)}),
+            dict(dataset="meld", gold="joy", pred="neutral", scores={l: float(i == 0) for i, l in enumerate(LABELS)})]
+    ev.calibrate(rows, {"meld": [0.0, 0, 0, 0, 5.0, 0, 0]})
+    assert [r["pred"] for r in rows] == ["sad", "joy"]
