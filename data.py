@@ -298,11 +298,7 @@ def _stats(args) -> None:
     for dataset in names:
         answers = {label: len(ids) + 1 for label, ids in label_token_ids(tok, LABELS[dataset]).items()}  # + EOS
         for split in SPLITS:
-            try:
-                dialogues = load_split(dataset, split, args.data_dir)
-            except FileNotFoundError as e:
-                print(f"{dataset} {split}: not found ({e})")
-                continue
+            dialogues = load_split(dataset, split, args.data_dir)  # a missing file: MissingError, exit 1
             examples = build_examples(dialogues, args.window, descriptions)
             lengths = [len(tok.encode(e["prompt"], bos=True)) + answers[e["label"]] for e in examples]
             p50, p90, p99, top = np.percentile(lengths, [50, 90, 99, 100]).astype(int)
