@@ -393,7 +393,7 @@ def main(argv=None):
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         if step == total or step % (cfg.eval_every or per_epoch) == 0:  # every N steps, else at epoch ends
             res, bias = evaluate(model, tok, dev, cfg, names, world, rank)
-            row.update({f"dev_{k}": res[k] for k in ("weighted_f1", "accuracy", "uncalibrated_weighted_f1")})
+            row.update({f"dev_{key}": res[key] for key in ("weighted_f1", "accuracy", "uncalibrated_weighted_f1")})
             if res["weighted_f1"] > best and rank == 0:
                 save(out / "ckpt.pt", dict(meta, step=step, best=res["weighted_f1"]), model, dev=res, label_bias=bias)
             best = max(best, res["weighted_f1"])
