@@ -165,11 +165,15 @@ def read_json(file):
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise UserError(f"{file}: not valid JSON ({e})") from None
 
+def shown(path) -> str:
+    """How messages name a path: "-" is standard input."""
+    return "<stdin>" if str(path) == "-" else str(path)
+
 def read_text(path) -> str:
     """A file's text ("-": stdin's) as strict UTF-8, BOM removed; MissingError, or UserError naming file:line."""
     if str(path) == "-":
         blob = sys.stdin.buffer.read()
-        path = "<stdin>"
+        path = shown(path)
     elif Path(path).is_file():
         blob = Path(path).read_bytes()
     else:
@@ -182,7 +186,7 @@ def read_text(path) -> str:
 
 def jsonl_records(path) -> Iterator[tuple[str, object]]:
     """Yield ("file:line", record) per non-blank line of a JSON-lines file; UserError there for a line not JSON."""
-    name = "<stdin>" if str(path) == "-" else path
+    name = shown(path)
     for n, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
@@ -196,7 +200,7 @@ def csv_rows(path, columns, ints=(), multiline: bool = False) -> Iterator[tuple[
     column, a header and no rows, a short row, a non-integer in `ints`, or (unless multiline) a line break in a
     field: in a file that has none, it is an unclosed quote that swallowed the rows after it."""
     reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
-    path = "<stdin>" if str(path) == "-" else path
+    path = shown(path)
     header = reader.fieldnames or []
     missing = [c for c in columns if c not in header]
     if missing:

@@ -211,15 +211,17 @@ def run_config(ckpt: dict, path) -> dict:
     return cfg
 
 
-def load_checkpoint(path, device="cpu", dtype=None):
+def load_checkpoint(path, device="cpu", dtype=None, ckpt: dict | None = None):
     """Rebuild (model with the adapter merged, in eval mode; Tokenizer; checkpoint dict) from a train.py
     checkpoint alone.
 
     dtype defaults to bfloat16 on CUDA and float32 elsewhere; the merge runs in float32 (LoRALinear.merge).
     Raises cli.UserError (or cli.MissingError) for a file that is not a readable checkpoint, a missing base
     model, or an adapter or model description that does not fit the base model (naming the checkpoint).
+    `ckpt`: the file's content when the caller has read it already (cli.read_checkpoint), so it is read once.
     """
-    ckpt = cli.read_checkpoint(path)
+    if ckpt is None:
+        ckpt = cli.read_checkpoint(path)
     cfg = run_config(ckpt, path)
     if dtype is None:
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -265,11 +267,11 @@ def export_merged(ckpt_path, out_dir) -> None:
     Files are written atomically. Raises cli.UserError as load_checkpoint does.
     """
     from safetensors.torch import save
-    cfg = run_config(cli.read_checkpoint(ckpt_path), ckpt_path)
-    base = model_dir(cfg["model"])
+    ckpt = cli.read_checkpoint(ckpt_path)
+    base = model_dir(run_config(ckpt, ckpt_path)["model"])
     hf_cfg = cli.read_json(base / "config.json")
     dtype = getattr(torch, hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32")
-    model, _, _ = load_checkpoint(ckpt_path, dtype=dtype)
+    model, _, _ = load_checkpoint(ckpt_path, dtype=dtype, ckpt=ckpt)
     tied = model.args.tie_embeddings  # then lm_head.weight is not saved: transformers ties it again
     state = {llama.ours_to_hf(k): v.contiguous() for k, v in model.state_dict().items()
              if not k.endswith((".lora_A", ".lora_B")) and not (tied and k == "output.weight")}

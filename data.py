@@ -273,8 +273,7 @@ def read_conversations(path, fmt: str) -> list[dict]:
     for where, record in cli.jsonl_records(path):
         conversations.append(check_conversation(record, where, len(conversations)))
     if not conversations:
-        name = "<stdin>" if str(path) == "-" else path
-        raise cli.UserError(f"{name}: no conversation; expected one JSON object per line")
+        raise cli.UserError(f"{cli.shown(path)}: no conversation; expected one JSON object per line")
     return conversations
 
 def cut_to_fit(tok, example: dict, max_len: int) -> bool:

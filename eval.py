@@ -257,7 +257,7 @@ def label_main(a: argparse.Namespace) -> None:
     conversations = data.read_conversations(a.input, a.format)  # "-": stdin
     print(f"label set: {name} {data.LABELS[name]}", file=sys.stderr)
     with contextlib.redirect_stdout(sys.stderr):  # stdout holds the labels only
-        model, tok, _ = load_checkpoint(a.ckpt, a.device)
+        model, tok, _ = load_checkpoint(a.ckpt, a.device, ckpt=ckpt)
         rows = label_conversations(model, tok, ckpt, conversations, name, a.batch_size, progress=True)
     sys.stdout.writelines(json.dumps(r) + "\n" for r in rows)
 
@@ -313,7 +313,7 @@ def main(argv=None):
     out = results_dir(a, cfg["data"])
     cli.check_writable(out)
     if a.ckpt:
-        model, tok, _ = load_checkpoint(a.ckpt, a.device)
+        model, tok, _ = load_checkpoint(a.ckpt, a.device, ckpt=ckpt)
     else:
         dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
         model, tok = llama.load(convert.model_dir(a.model), device=a.device, dtype=dtype)
