@@ -90,30 +90,52 @@ def generate_label(model, tok, prompt: list[int], labels) -> str:
     named = [label for label in labels if label.lower() == answer.lower()]
     return named[0] if named else answer
 
+def header_length(prompts: list[list[int]]) -> int:
+    """How many tokens all prompts start with (BOS, the task and the labels: the instruction header), leaving each
+    prompt at least one token of its own."""
+    first = prompts[0]
+    n = min(len(p) for p in prompts) - 1
+    for p in prompts:
+        n = next((j for j in range(n) if p[j] != first[j]), n)
+    return n
+
+def headers(model, prompts: dict[tuple, list[list[int]]]) -> dict[tuple, tuple[int, llama.KVCache | None]]:
+    """Per label set: (header length P, the header's one-row KV cache, computed once), from its prompts."""
+    out = {}
+    for labels, group in prompts.items():
+        P = header_length(group)
+        out[labels] = (P, llama.prefill(model, group[0][:P]) if P else None)
+    return out
+
 @torch.no_grad()
 def predict(model, tok, examples: list[dict], max_len: int, batch_size: int = 8, generate: bool = False,
             progress: bool = True) -> list[dict]:
     """One row per example, in order: dataset, dialogue_id, utterance_id, gold, pred, scores, described.
-    Score mode: scores[label] = log P(label tokens | prompt) (llama.score_continuations), pred = the argmax;
-    generate mode: greedy decoding (generate_label), scores None. Batches hold one label set, sorted by length."""
+    Score mode: scores[label] = log P(label tokens | prompt) (llama.score_continuations, with the header of each
+    label set's prompts computed once), pred = the argmax; generate mode: greedy decoding (generate_label), scores
+    None. Batches hold one label set, sorted by length."""
     model.eval()
     rows = [None] * len(examples)
-    order = sorted(range(len(examples)), key=lambda i: (examples[i]["labels"], len(examples[i]["prompt"])))
-    candidates = {}  # label set -> candidate ids
+    prompts = [prompt_ids(tok, ex, max_len) for ex in examples]
+    by_labels = {}
+    for ex, p in zip(examples, prompts):
+        by_labels.setdefault(tuple(ex["labels"]), []).append(p)
+    header = {} if generate else headers(model, by_labels)
+    candidates = {labels: candidate_ids(tok, labels) for labels in by_labels}
+    order = sorted(range(len(examples)), key=lambda i: (examples[i]["labels"], len(prompts[i])))
     bar = tqdm(total=len(examples), desc="eval", disable=not progress, smoothing=0.1)
     for start in range(0, len(order), batch_size):
         groups = {}  # examples of different datasets have different label sets
         for i in order[start:start + batch_size]:
             groups.setdefault(tuple(examples[i]["labels"]), []).append(i)
         for labels, idx in groups.items():
-            prompts = [prompt_ids(tok, examples[i], max_len) for i in idx]
             if generate:
-                for i, prompt in zip(idx, prompts):
-                    rows[i] = make_row(examples[i], generate_label(model, tok, prompt, labels), None)
+                for i in idx:
+                    rows[i] = make_row(examples[i], generate_label(model, tok, prompts[i], labels), None)
                 continue
-            if labels not in candidates:
-                candidates[labels] = candidate_ids(tok, labels)
-            scores = llama.score_continuations(model, prompts, candidates[labels], tok.pad_id)  # (B, C)
+            P, prefix = header[labels]
+            rests = [prompts[i][P:] for i in idx]  # each prompt after the shared header
+            scores = llama.score_continuations(model, rests, candidates[labels], tok.pad_id, prefix)  # (B, C)
             for i, row_scores in zip(idx, scores.tolist()):
                 pred = labels[int(np.argmax(row_scores))]
                 rows[i] = make_row(examples[i], pred, dict(zip(labels, row_scores)))

@@ -79,22 +79,23 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 class KVCache:
-    """Past keys/values per layer, k[i], v[i] (B, K, S, D) with K heads; mask (B, S) False at padding."""
+    """Keys/values of earlier tokens per layer, k[i], v[i] (B, K, S, D), and their mask (B, S), False at padding.
+    A forward pass attends to them; it extends them only if `grow` (a shared prefix in training does not grow)."""
     def __init__(self, n_layers: int):
         self.k = [None] * n_layers
         self.v = [None] * n_layers
         self.mask = None
-
-    def update(self, i: int, k, v):
-        """Append layer i's new keys and values (B, K, T, D); returns all of them, (B, K, S, D)."""
-        if self.k[i] is not None:
-            k, v = torch.cat([self.k[i], k], dim=2), torch.cat([self.v[i], v], dim=2)
-        self.k[i], self.v[i] = k, v
-        return k, v
+        self.grow = True
 
     def expand(self, n: int) -> "KVCache":
-        """Each row repeated n times (row b -> rows b*n .. b*n + n-1): n continuations share one prompt."""
+        """Each row repeated n times (row b -> rows b*n .. b*n + n-1): n continuations share one prompt.
+        A one-row cache is expanded as a view, without copying."""
         c = KVCache(len(self.k))
+        if self.mask.shape[0] == 1:
+            c.k = [t.expand(n, -1, -1, -1) for t in self.k]
+            c.v = [t.expand(n, -1, -1, -1) for t in self.v]
+            c.mask = self.mask.expand(n, -1)
+            return c
         c.k = [t.repeat_interleave(n, dim=0) for t in self.k]
         c.v = [t.repeat_interleave(n, dim=0) for t in self.v]
         c.mask = self.mask.repeat_interleave(n, dim=0)
@@ -102,26 +103,27 @@ class KVCache:
 
 class Attention(nn.Module):
     """Grouped-query attention (Ainslie et al. 2023): H query heads share K kv heads via SDPA's enable_gqa."""
-    def __init__(self, args: ModelArgs, layer: int):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.layer = layer  # this layer's slot in a KVCache
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask, cache):
+    def forward(self, x, cos, sin, attn_mask, past_k=None, past_v=None):
+        """Output (B, T, C) and all keys and values (B, K, S, D): the past ones (B or 1 rows), then these."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, K, S, D)
+        if past_k is not None:  # a one-row past (a shared prefix) is broadcast to every row, not copied
+            k = torch.cat([past_k.expand(B, -1, -1, -1), k], dim=2)  # (B, K, S, D)
+            v = torch.cat([past_v.expand(B, -1, -1, -1), v], dim=2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                            enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, D)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1)), k, v
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x) (Shazeer 2020; LLaMA section 2.2)."""
@@ -135,22 +137,27 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int):
+    def __init__(self, args: ModelArgs):
         super().__init__()
         # Norms first: this order fixes the order of state dicts and of seeded random weights in tests.
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args, layer)
+        self.attention = Attention(args)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, attn_mask, cache):
-        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache)
-        return x + self.feed_forward(self.ffn_norm(x))
+    def forward(self, x, cos, sin, attn_mask, past_k=None, past_v=None):
+        """(x, keys, values): the past keys and values are plain inputs, not a cache grown in place, so that
+        activation checkpointing can run a block twice."""
+        h, k, v = self.attention(self.attention_norm(x), cos, sin, attn_mask, past_k, past_v)
+        x = x + h
+        return x + self.feed_forward(self.ffn_norm(x)), k, v
 
 def padded_positions(mask, cache):
     """Rotary positions (B, T) and attention mask (B, 1, T, S) bool, for mask (B, T) True at real tokens.
     A position counts the real tokens before it, cached too, as in an unpadded row. Sets cache.mask."""
-    past = cache.mask if cache is not None and cache.mask is not None else mask[:, :0]  # (B, S - T)
+    past = mask[:, :0]  # (B, S - T): no earlier tokens
+    if cache is not None and cache.mask is not None:
+        past = cache.mask.expand(mask.shape[0], -1)  # a one-row shared prefix counts for every row
     pos = past.sum(1, keepdim=True) + mask.cumsum(1) - 1  # (B, T)
     keys = torch.cat([past, mask], dim=1)  # (B, S)
     T, S = mask.shape[1], keys.shape[1]
@@ -158,7 +165,7 @@ def padded_positions(mask, cache):
     attn_mask = causal & keys[:, None, None, :]  # (B, 1, T, S)
     # A query with no visible key (a padding row) would softmax to NaN: let it see everything instead.
     attn_mask = attn_mask | ~attn_mask.any(-1, keepdim=True)
-    if cache is not None:
+    if cache is not None and cache.grow:
         cache.mask = keys
     return pos, attn_mask
 
@@ -167,17 +174,18 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.checkpointing = False  # per-block activation checkpointing, set by train.py
+        self.checkpointing = 0  # activation checkpointing of the first N blocks, set by train.py
 
     def forward(self, tokens, mask=None, cache=None, logits_at=None):
         """Logits float32 (B, T, V), or (N, V) at the N positions logits_at (bool (B, T) or index) picks, as
         the head is a small model's largest matmul. tokens (B, T) int64; mask (B, T) bool, True at real
-        tokens, padding anywhere (no mask, no cache: fast causal path); cache: a KVCache, grown in place."""
+        tokens, padding anywhere (no mask, no cache: fast causal path); cache: a KVCache of earlier tokens, grown
+        in place unless cache.grow is False."""
         B, T = tokens.shape
         if mask is None and cache is None:  # the fast path: SDPA's is_causal, no mask tensor
             pos = torch.arange(T, device=tokens.device).expand(B, T)
@@ -190,13 +198,18 @@ class Transformer(nn.Module):
         dtype = self.tok_embeddings.weight.dtype
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
         h = self.tok_embeddings(tokens)  # (B, T, C)
-        for layer in self.layers:
-            if self.checkpointing and self.training:
+        for i, layer in enumerate(self.layers):
+            past_k = cache.k[i] if cache is not None else None
+            past_v = cache.v[i] if cache is not None else None
+            if i < self.checkpointing and self.training:
                 # use_reentrant=False: with a frozen embedding the reentrant form gives LoRA no gradient.
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn_mask, cache,
-                                                      use_reentrant=False)
+                h, k, v = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn_mask, past_k, past_v,
+                                                            use_reentrant=False)
             else:
-                h = layer(h, cos, sin, attn_mask, cache)
+                h, k, v = layer(h, cos, sin, attn_mask, past_k, past_v)
+            if cache is not None and cache.grow:
+                cache.k[i] = k
+                cache.v[i] = v
         if logits_at is not None:
             h = h[logits_at]  # (N, C): only these rows go through the head
         return self.output(self.norm(h)).float()
@@ -228,15 +241,25 @@ def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids, mask
 
 @torch.inference_mode()
-def score_continuations(model, prompts: list[list[int]], candidates: list[list[int]], pad_id: int):
+def prefill(model, ids: list[int]) -> KVCache:
+    """The one-row KV cache of `ids`: a prefix that many prompts share, run once (score_continuations' prefix)."""
+    cache = KVCache(model.args.n_layers)
+    x = torch.tensor([ids], device=model.tok_embeddings.weight.device)  # (1, P)
+    model(x, cache=cache, logits_at=(slice(None), -1))  # the head at one position only: its output is not used
+    return cache
+
+@torch.inference_mode()
+def score_continuations(model, prompts: list[list[int]], candidates: list[list[int]], pad_id: int,
+                        prefix: KVCache | None = None):
     """Summed token log-probs (len(prompts), len(candidates)) float32 of each candidate after each prompt.
-    A prompt runs once (right-padded, masked); all candidates share its KV cache (`expand`) in one batch."""
+    A prompt runs once (right-padded, masked); all candidates share its KV cache (`expand`) in one batch.
+    prefix: a one-row cache (`prefill`) of tokens that come before every prompt, or None; prompts exclude them."""
     device = model.tok_embeddings.weight.device
     B, C = len(prompts), len(candidates)
     x, m = pad_right(prompts, pad_id, device)  # (B, T)
     cand, cm = pad_right(candidates, pad_id, device)  # (C, L)
     L = cand.shape[1]
-    cache = KVCache(model.args.n_layers)
+    cache = KVCache(model.args.n_layers) if prefix is None else prefix.expand(B)
     last = torch.tensor([len(p) - 1 for p in prompts], device=device)  # (B,) each prompt's last real token
     first = model(x, mask=m, cache=cache, logits_at=(torch.arange(B, device=device), last))  # (B, V)
     first = first.log_softmax(-1)

@@ -6,6 +6,7 @@ A starts Kaiming-uniform and B at zero, so a fresh adapter leaves the model unch
 loralib). The base weight keeps its own name (`...wq.weight`), so a merged state dict has the base format.
 """
 import math
+import weakref
 
 import torch
 import torch.nn as nn
@@ -15,9 +16,26 @@ import cli
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # the linear layers of a LLaMA block (llama.py's names)
 
+class SharedDropout(nn.Module):
+    """Dropout that draws one mask per input tensor: the adapters of one module that read the same x (wq, wk, wv
+    of an Attention; w1, w3 of a FeedForward) share it, as litgpt's fused qkv adapter does. Each adapter still sees
+    dropout at rate p. Weak references: a finished step's tensors are not kept alive."""
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.last = None  # (input, output) of the last call, as weak references
+
+    def forward(self, x):
+        if self.last is not None and self.last[0]() is x and self.last[1]() is not None:
+            return self.last[1]()
+        out = F.dropout(x, self.p, self.training)
+        self.last = (weakref.ref(x), weakref.ref(out))
+        return out
+
 class LoRALinear(nn.Module):
-    """A frozen bias-free nn.Linear (as in LLaMA) plus a trainable float32 low-rank update of rank r > 0."""
-    def __init__(self, base: nn.Linear, r: int, lora_alpha: float, dropout: float = 0.0):
+    """A frozen bias-free nn.Linear (as in LLaMA) plus a trainable float32 low-rank update of rank r > 0.
+    dropout: a rate, or a SharedDropout module that other adapters use too."""
+    def __init__(self, base: nn.Linear, r: int, lora_alpha: float, dropout: float | nn.Module = 0.0):
         super().__init__()
         self.weight = base.weight.requires_grad_(False)  # the same Parameter, frozen
         self.scale = lora_alpha / r
@@ -25,7 +43,9 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(base.weight.new_empty(r, base.in_features, dtype=torch.float32))
         self.lora_B = nn.Parameter(base.weight.new_zeros(base.out_features, r, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as loralib and peft
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout
+        if not isinstance(dropout, nn.Module):
+            self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):
         y = F.linear(x, self.weight)
@@ -60,8 +80,12 @@ def apply_lora(model, targets=("wq", "wv"), r=8, lora_alpha=16, dropout=0.0, ver
     if unmatched:
         raise cli.UserError(f"LoRA targets {unmatched} match no linear layer; valid: {', '.join(TARGETS)}")
     model.requires_grad_(False)
+    shared = {}  # one SharedDropout per module (an Attention, a FeedForward), for its adapters
     for module, name in layers:
-        setattr(module, name, LoRALinear(getattr(module, name), r, lora_alpha, dropout))
+        if dropout > 0 and module not in shared:
+            shared[module] = SharedDropout(dropout)
+        rate = shared.get(module, 0.0)
+        setattr(module, name, LoRALinear(getattr(module, name), r, lora_alpha, rate))
     if verbose:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())

@@ -4,6 +4,7 @@
     python train.py --data meld --model /path/Llama-2-7b-hf      # on a GPU: the authors' released recipe
     torchrun --nproc_per_node 2 train.py ...                     # data parallel
     python train.py --dry-run --model DIR --gpu-mem 24           # the memory the run needs, from config.json alone
+    python train.py --grad-ckpt auto|all|none|N --dtype bfloat16 # checkpointed blocks; base weights' precision
     python train.py --resume runs/meld/ckpt_last.pt              # continue a stopped run exactly
     python train.py --export-peft DIR --from runs/meld/ckpt.pt   # or --export-merged DIR: a full HF checkpoint
 
@@ -53,7 +54,9 @@ class Config:
     grad_accum: int | None = None  # micro-batches per optimizer step (all processes together)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    grad_ckpt: bool | None = None  # per-block activation checkpointing
+    grad_ckpt: str | None = None  # activation checkpointing: auto, all, none, or a number of blocks
+    gpu_mem: float | None = None  # GiB that --grad-ckpt auto and --dry-run plan for (None: the device's free memory)
+    dtype: str | None = None  # of the frozen base weights and the autocast activations: float32 or bfloat16
     max_steps: int = 0  # stop after this many optimizer steps (0: the epochs decide)
     eval_every: int = 0  # dev evaluation every N steps (0: at the end of each epoch)
     dev_limit: int | None = None  # dev utterances used for model selection (None: all)
@@ -66,19 +69,36 @@ class Config:
 # batch 128); on CPU a budget recipe for the 135M default model that trains in about an hour on 2 cores.
 RECIPES = {
     "cuda": dict(targets="wq,wv", r=8, lora_alpha=64, lr=3e-4, warmup=100, epochs=3, batch_size=4, grad_accum=15,
-                 grad_ckpt=True),
+                 grad_ckpt="auto", dtype="bfloat16"),
     "cpu": dict(targets="wq,wk,wv,wo,w1,w2,w3", r=16, lora_alpha=32, lr=1e-3, warmup=30, epochs=1, batch_size=8,
-                grad_accum=2, grad_ckpt=False),
+                grad_accum=2, grad_ckpt="none", dtype="float32"),
 }
+DTYPES = ("float32", "bfloat16")
+SAFETY = 0.85  # auto checkpointing plans for this share of the memory: the plan's CUDA terms are estimates
+
+def blocks_flag(value: str) -> str:
+    """--grad-ckpt: auto, all, none, or a number of blocks (the first ones are checkpointed)."""
+    if value in ("auto", "all", "none") or value.isdigit():
+        return value
+    raise argparse.ArgumentTypeError(f"expected auto, all, none or a number of blocks, got {value!r}")
+
 # How each flag is read; a field not listed is a string.
 FLAG_TYPES = dict(window=cli.natural_int, max_len=cli.positive_int, r=cli.positive_int, lora_alpha=cli.positive_float,
                   dropout=cli.fraction, lr=cli.positive_float, warmup=cli.natural_int, epochs=cli.positive_float,
                   batch_size=cli.positive_int, grad_accum=cli.positive_int, weight_decay=cli.fraction,
-                  grad_clip=cli.positive_float, grad_ckpt=cli.boolean, max_steps=cli.natural_int,
+                  grad_clip=cli.positive_float, grad_ckpt=blocks_flag, max_steps=cli.natural_int, gpu_mem=cli.positive_float,
                   eval_every=cli.natural_int, dev_limit=cli.positive_int, calibrate=cli.boolean,
                   save_every=cli.positive_int, seed=cli.natural_int)
 RUN_FILES = ("ckpt.pt", "ckpt_last.pt", "metrics.jsonl")
 RESUME_KEYS = ("config", "lora", "optimizer", "step", "best")
+
+def with_recipe(cfg: Config) -> Config:
+    """cfg with the fields left None taken from its device's recipe (RECIPES)."""
+    recipe = RECIPES["cuda"] if cfg.device.startswith("cuda") else RECIPES["cpu"]
+    for key, value in recipe.items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    return cfg
 
 def parse_config(argv=None) -> tuple[Config, argparse.Namespace]:
     """The run's Config (flags, then the device's recipe for fields left None) and the other flags; checked
@@ -89,19 +109,15 @@ def parse_config(argv=None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--resume", metavar="CKPT", help="ckpt_last.pt to continue, with its saved config")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--dry-run", action="store_true", help="print the memory plan (memory_plan) and exit")
-    p.add_argument("--gpu-mem", type=cli.positive_float, help="with --dry-run: say whether the plan fits these GiB")
     p.add_argument("--export-peft", metavar="DIR", help="write the adapter of --from as a Hugging Face peft adapter")
     p.add_argument("--export-merged", metavar="DIR", help="write --from merged into a full Hugging Face checkpoint")
     p.add_argument("--from", dest="src", metavar="CKPT", help="the checkpoint to export")
     a = p.parse_args(argv)
-    cfg = Config(**{f.name: getattr(a, f.name) for f in fields(Config)})
-    recipe = RECIPES["cuda"] if cfg.device.startswith("cuda") else RECIPES["cpu"]
-    for key, value in recipe.items():
-        if getattr(cfg, key) is None:
-            setattr(cfg, key, value)
+    cfg = with_recipe(Config(**{f.name: getattr(a, f.name) for f in fields(Config)}))
     if cfg.model != "default":
         cfg.model = str(Path(cfg.model).resolve())
     cli.check_names("--targets", cfg.targets.split(","), lora.TARGETS)
+    cli.check_names("--dtype", [cfg.dtype], DTYPES)
     cli.check_names("--data", cfg.data.split(","), (*data.DATASETS, "all"))
     return cfg, a
 
@@ -122,15 +138,15 @@ def setup_distributed(cfg: Config) -> tuple[int, int]:
             torch.cuda.set_device(cfg.device)
     return world, rank
 
-def load_model(cfg: Config, verbose: bool):
-    """The base model frozen in bf16 on CUDA (float32 on CPU) with float32 LoRA adapters, in training mode; its
-    tokenizer; AdamW over the adapters."""
+def load_model(cfg: Config, log):
+    """The base model frozen in cfg.dtype with float32 LoRA adapters, in training mode, checkpointing the blocks
+    that checkpointed_blocks picks; its tokenizer; AdamW over the adapters."""
     torch.manual_seed(cfg.seed)  # the adapters' initial A
-    dtype = torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32
     folder = convert.model_dir(cfg.model)
-    model, tok = llama.load(folder, device=cfg.device, dtype=dtype)
-    lora.apply_lora(model, cfg.targets.split(","), cfg.r, cfg.lora_alpha, cfg.dropout, verbose=verbose)
-    model.checkpointing = cfg.grad_ckpt
+    blocks = checkpointed_blocks(cfg, llama.read_args(folder), log)  # before the weights take device memory
+    model, tok = llama.load(folder, device=cfg.device, dtype=getattr(torch, cfg.dtype))
+    lora.apply_lora(model, cfg.targets.split(","), cfg.r, cfg.lora_alpha, cfg.dropout, verbose=log is print)
+    model.checkpointing = blocks
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     return model.train(), tok, opt
@@ -211,9 +227,31 @@ def stopped(cfg: Config, problem: str, step: int) -> cli.UserError:
     kept = f"keeping the last good checkpoint {last}" if last.exists() else "no checkpoint was written yet"
     return cli.UserError(f"{problem} at step {step + 1}; stopped, {kept}")
 
+def shared_length(x: torch.Tensor, where: torch.Tensor) -> int:
+    """How many leading positions every row of x (B, T) shares, stopping before the first position where a row's
+    loss is taken (`where`, (B, T) bool): at least the instruction header, more when rows share context."""
+    same = (x == x[:1]).all(0)  # (T,) every row has the first row's token here
+    no_loss = ~where.any(0)  # (T,) no row takes its loss here
+    leading = (same & no_loss).int().cumprod(0)  # (T,) 1 up to the first position that fails
+    return int(leading.sum())
+
+def forward_shared(model, x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Logits (N, V) float32 at the N positions `where` of x (B, T), as model(x, logits_at=where) computes them,
+    with the rows' shared prefix (shared_length, P tokens) run once as one row: its keys and values (1, K, P, D)
+    are broadcast to every row, and every row's gradient flows back through that one computation. LoRA dropout on
+    the prefix draws one mask for all rows: each row still sees dropout at the same rate, the rows one sample."""
+    P = shared_length(x, where)
+    if P == 0 or x.shape[0] == 1:
+        return model(x, logits_at=where)
+    prefix = llama.KVCache(model.args.n_layers)
+    model(x[:1, :P], cache=prefix, logits_at=where[:1, :P])  # (1, P); no loss is taken there: (0, V) logits
+    prefix.grow = False  # the rows attend to the prefix but do not extend it
+    return model(x[:, P:], cache=prefix, logits_at=where[:, P:])  # (B, T - P) tokens at positions P..T-1
+
 def optimizer_step(model, opt, encoded, batches, lr: float, cfg: Config, step: int, pad_id: int, world: int,
                    rank: int) -> tuple[float, int]:
-    """One AdamW step over this process's share of the step's micro-batches: (loss, tokens covered).
+    """One AdamW step over this process's share of the step's micro-batches: (loss, tokens covered: every row's
+    prompt and answer, in all processes).
     The loss is summed over answer tokens and divided by those of the whole step, so accumulation equals one big
     batch. UserError, before the adapter changes, if the loss is not finite."""
     for group in opt.param_groups:
@@ -224,12 +262,13 @@ def optimizer_step(model, opt, encoded, batches, lr: float, cfg: Config, step: i
     for j in range(rank, len(batches), world):
         torch.manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + j)  # LoRA dropout: same in any world
         x, where, targets = collate([encoded[i] for i in batches[j]], pad_id, cfg.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.device.startswith("cuda")):
-            logits = model(x, logits_at=where)  # (N, vocab): the head only where the loss is taken
+        device_type = torch.device(cfg.device).type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+            logits = forward_shared(model, x, where)  # (N, vocab): the head only where the loss is taken
         loss = F.cross_entropy(logits, targets, reduction="sum") / n_answer
         loss.backward()
         loss_sum += loss.detach()
-        tokens += x.numel() * world
+        tokens += sum(len(encoded[i][0]) for i in batches[j]) * world
     params = [p for group in opt.param_groups for p in group["params"]]
     if world > 1:
         for p in params:
@@ -279,7 +318,7 @@ def saved_config(state: dict, a: argparse.Namespace) -> Config:
     unknown = sorted(set(state["config"]) - {f.name for f in fields(Config)})
     if unknown:
         raise cli.UserError(f"{a.resume}: its config has fields {unknown} that this train.py does not know")
-    return Config(**state["config"])
+    return with_recipe(Config(**state["config"]))  # a field added since it was saved takes the recipe's value
 
 def resume(state: dict, model, opt, out: Path, main_proc: bool) -> tuple[int, float]:
     """Load a ckpt_last.pt's adapter and optimizer state; drop the log rows of steps after it: (step, best).
@@ -296,15 +335,16 @@ def resume(state: dict, model, opt, out: Path, main_proc: bool) -> tuple[int, fl
 
 # ---------------------------------------------------------------- --dry-run: the memory plan
 
-def memory_plan(args: llama.ModelArgs, cfg: Config) -> list[tuple[str, int]]:
+def memory_plan(args: llama.ModelArgs, cfg: Config, blocks: int) -> list[tuple[str, int]]:
     """Peak memory of a training run in bytes, by term, from the model's ModelArgs alone (no weights loaded).
 
     Counts the tensors autograd keeps for backward in our Block and LoRALinear, for one micro-batch of
-    batch_size sequences padded to max_len (the worst case). Base weights and activations are bf16 on CUDA
-    (autocast), float32 on CPU; LoRA weights, their gradients and AdamW's two moments are float32.
+    batch_size sequences padded to max_len that share no prefix (the worst case), with the first `blocks` blocks
+    checkpointed. Base weights and activations are in cfg.dtype (bf16 under autocast); LoRA weights, their
+    gradients and AdamW's two moments are float32.
     """
     cuda = cfg.device.startswith("cuda")
-    a = 2 if cuda else 4  # bytes per base weight and per activation
+    a = 2 if cfg.dtype == "bfloat16" else 4  # bytes per base weight and per activation
     C, F_, H, V = args.dim, args.hidden_dim, args.n_heads, args.vocab_size
     Q = H * args.head_dim
     KV = args.n_kv_heads * args.head_dim
@@ -317,22 +357,22 @@ def memory_plan(args: llama.ModelArgs, cfg: Config) -> list[tuple[str, int]]:
     # SDPA's q, k (after rotary), v, output and a float32 log-sum-exp per head (flash kernels: no (T, T) matrix);
     # the feed-forward's w1 x, silu(w1 x) and w3 x.
     block = 2 * 4 * C + a * (2 * Q + 2 * KV + 3 * F_) + 4 * H
-    # LoRA keeps the input of each adapter and its (T, r) middle. With dropout each adapter keeps its own dropped
-    # copy plus the mask (bool on CUDA; on CPU ATen's dropout multiplies by a float mask); without dropout,
-    # adapters reading the same tensor (wq, wk, wv; w1, w3) share it.
+    # LoRA keeps the input of each adapter and its (T, r) middle; adapters reading the same tensor (wq, wk, wv;
+    # w1, w3) share it, and with dropout its dropped copy and the mask (lora.SharedDropout; the mask is bool on
+    # CUDA, while on CPU ATen's dropout multiplies by a float mask).
     share = dict(wq="wq", wk="wq", wv="wq", wo="wo", w1="w1", w3="w1", w2="w2")
-    kept = targets if cfg.dropout > 0 else {share[t] for t in targets}
+    kept = {share[t] for t in targets}
     mask_bytes = 0
     if cfg.dropout > 0:
         mask_bytes = 1 if cuda else a
     block += sum((a + mask_bytes) * io[t][0] for t in kept) + a * cfg.r * len(targets)
-    act = args.n_layers * tokens * block
-    if cfg.grad_ckpt:  # checkpointing keeps only each block's input; backward recomputes one block at a time
-        act = args.n_layers * tokens * a * C + tokens * block
-    checkpointed = "checkpointed " if cfg.grad_ckpt else ""
-    plan = [(f"base weights ({n_base / 1e9:.2f}B parameters, {'bf16' if cuda else 'float32'})", a * n_base),
+    # A checkpointed block keeps only its input; backward recomputes one block at a time.
+    act = (args.n_layers - blocks) * tokens * block + blocks * tokens * a * C
+    if blocks:
+        act += tokens * block
+    plan = [(f"base weights ({n_base / 1e9:.2f}B parameters, {cfg.dtype})", a * n_base),
             (f"LoRA ({n_lora / 1e6:.2f}M parameters): weights, gradients, AdamW moments", 16 * n_lora),
-            (f"activations ({checkpointed}{cfg.batch_size} x {cfg.max_len} tokens)", act),
+            (f"activations ({cfg.batch_size} x {cfg.max_len} tokens, {blocks} blocks checkpointed)", act),
             ("backward: gradients in flight through one block", tokens * a * (3 * F_ + 2 * C)),
             # the head runs only where the loss is taken, ~4 answer tokens a sequence: logits, log-softmax, grads
             ("logits (N answer positions, vocab) float32", cfg.batch_size * 4 * V * 16)]
@@ -340,19 +380,59 @@ def memory_plan(args: llama.ModelArgs, cfg: Config) -> list[tuple[str, int]]:
         plan.append(("CUDA context and allocator slack (estimate)", 2 ** 30))
     return plan
 
-def print_plan(cfg: Config, gpu_mem: float | None = None) -> None:
-    """Print memory_plan for cfg.model's config.json, in GiB, and whether it fits gpu_mem GiB."""
+def plan_bytes(args: llama.ModelArgs, cfg: Config, blocks: int) -> int:
+    return sum(size for _, size in memory_plan(args, cfg, blocks))
+
+def device_memory(cfg: Config) -> int | None:
+    """Bytes a run may use: --gpu-mem, else the GPU's free memory or the free RAM; None when unknown."""
+    if cfg.gpu_mem:
+        return int(cfg.gpu_mem * 2 ** 30)
+    if cfg.device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(torch.device(cfg.device))[0]
+    if cfg.device == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return None
+
+def checkpointed_blocks(cfg: Config, args: llama.ModelArgs, log=print) -> int:
+    """How many blocks to checkpoint for --grad-ckpt all, none or N; for auto the fewest for which the memory plan
+    fits SAFETY x device_memory (all when none fits or the memory is unknown). UsageError for N > n_layers."""
+    n = args.n_layers
+    if cfg.grad_ckpt in ("all", "none"):
+        return n if cfg.grad_ckpt == "all" else 0
+    if cfg.grad_ckpt != "auto":
+        if int(cfg.grad_ckpt) > n:
+            raise cli.UsageError(f"--grad-ckpt {cfg.grad_ckpt}: the model has {n} blocks")
+        return int(cfg.grad_ckpt)
+    budget = device_memory(cfg)
+    blocks = n
+    if budget is not None:
+        blocks = next((k for k in range(n + 1) if plan_bytes(args, cfg, k) <= SAFETY * budget), n)
+    shown = "unknown memory" if budget is None else f"{budget / 2 ** 30:.1f} GiB"
+    log(f"--grad-ckpt auto: checkpointing {blocks} of {n} blocks (plan {plan_bytes(args, cfg, blocks) / 2 ** 30:.1f}"
+        f" GiB of {shown})")
+    return blocks
+
+def print_plan(cfg: Config) -> None:
+    """Print memory_plan for cfg.model's config.json in GiB, whether it fits, and with --grad-ckpt auto the
+    largest micro-batch that would fit without checkpointing."""
     folder = convert.model_dir(cfg.model)
-    terms = memory_plan(llama.read_args(folder), cfg)
+    args = llama.read_args(folder)
+    blocks = checkpointed_blocks(cfg, args, log=lambda *_: None)
     print(f"memory plan: {folder.name} on {cfg.device}, LoRA r={cfg.r} on {cfg.targets}, batch {cfg.batch_size} "
-          f"x {cfg.max_len} tokens, dropout {cfg.dropout}, grad_ckpt {cfg.grad_ckpt}")
-    for name, size in terms:
+          f"x {cfg.max_len} tokens, dropout {cfg.dropout}, --grad-ckpt {cfg.grad_ckpt}: {blocks} of "
+          f"{args.n_layers} blocks checkpointed")
+    for name, size in memory_plan(args, cfg, blocks):
         print(f"  {size / 2 ** 30:8.3f} GiB  {name}")
-    total = sum(size for _, size in terms) / 2 ** 30
+    total = plan_bytes(args, cfg, blocks)
+    budget = device_memory(cfg)
     verdict = ""
-    if gpu_mem is not None:
-        verdict = f": {'fits' if total <= gpu_mem else 'does NOT fit'} in {gpu_mem} GiB"
-    print(f"  {total:8.3f} GiB  total{verdict}")
+    if budget is not None:
+        verdict = f": {'fits' if total <= budget else 'does NOT fit'} in {budget / 2 ** 30:.1f} GiB"
+    print(f"  {total / 2 ** 30:8.3f} GiB  total{verdict}")
+    if cfg.grad_ckpt == "auto" and budget is not None:
+        fits = [b for b in range(1, 257) if plan_bytes(args, Config(**dict(asdict(cfg), batch_size=b)), 0)
+                <= SAFETY * budget]
+        print(f"  without checkpointing, micro-batches of up to {max(fits, default=0)} x {cfg.max_len} tokens fit")
 
 def main(argv=None):
     cfg, a = parse_config(argv)
@@ -362,14 +442,14 @@ def main(argv=None):
     if state:  # a resumed run is the saved run: same config, so the same batches and schedule
         cfg = saved_config(state, a)
     if a.dry_run:
-        return print_plan(cfg, a.gpu_mem)
+        return print_plan(cfg)
     cli.check_device(cfg.device)
     out = Path(cfg.out)
     world, rank = setup_distributed(cfg)
     if rank == 0 and not state:
         cli.claim_run_folder(out, RUN_FILES, a.overwrite)
     log = print if rank == 0 else (lambda *args, **kwargs: None)
-    model, tok, opt = load_model(cfg, verbose=rank == 0)
+    model, tok, opt = load_model(cfg, log)
     names, dev, encoded, per_epoch, total = load_data(cfg, tok, log)
     step, best = resume(state, model, opt, out, rank == 0) if state else (0, -1.0)
     meta = dict(config=asdict(cfg), model_args=asdict(model.args), labels={n: data.LABELS[n] for n in names})

@@ -458,7 +458,8 @@ def make_shared(tree: Path, shared_models: Path) -> Shared:
     base, _ = llama.load(model)
     lora.apply_lora(base, ["wq", "wv"], 2, 4.0, verbose=False)
     cfg = train.Config(model=str(model), out=str(tree / "run"), targets="wq,wv", r=2, lora_alpha=4.0, lr=1e-3,
-                       warmup=0, epochs=1.0, batch_size=4, grad_accum=1, grad_ckpt=False, device="cpu")
+                       warmup=0, epochs=1.0, batch_size=4, grad_accum=1, grad_ckpt="none", device="cpu",
+                       dtype="float32")
     meta = dict(config=asdict(cfg), model_args=asdict(base.args), labels={"meld": data.LABELS["meld"]}, step=2,
                 best=0.25, lora=lora.lora_state_dict(base))
     ckpt = tree / "ckpt.pt"

@@ -27,3 +27,19 @@ def test_bench_all_tiny_writes_json(tmp_path, monkeypatch):
         assert abs(train["results"]["ours"]["first_loss"] - ref["first_loss"]) < 1e-3
     assert reports["eval"]["results"]["naive"]["agreement_with_score"] == 1.0
     assert reports["load"]["results"]["ours"]["peak_rss_mb"] > 0
+
+
+def test_bench_gpu_runs_on_cpu_from_its_carried_folder(tmp_path, monkeypatch, data_dir, shared_models):
+    """`gpu` reads only bench-gpu/ (MELD's CSVs, LLaMA-2's tokenizer): a tiny-shape smoke test of its code path."""
+    monkeypatch.setattr(bench, "GPU_ASSETS", tmp_path / "bench-gpu")
+    tokenizer = shared_models / "llama2-tokenizer" / "tokenizer.model"
+    bench.main(["gpu", "--prepare", "--tokenizer", str(tokenizer), "--out", str(tmp_path)])
+    monkeypatch.setenv("DIALOGUELLM_DATA", str(tmp_path / "no-data"))  # nothing but the carried folder
+    bench.main(["gpu", "--tiny", "--device", "cpu", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "bench-gpu.json").read_text())
+    rows = report["results"]
+    assert len(rows) == 8 and all(r["fits_40GB"] for r in rows.values())
+    for length in (256, 512):
+        ours, ref = rows[f"ours {length} all"], rows[f"transformers_peft {length} all"]
+        assert ours["first_loss"] == pytest.approx(ref["first_loss"], abs=1e-3)  # the same random weights
+        assert ours["blocks"] == 4 and ours["window"] > 0

@@ -145,6 +145,20 @@ def test_score_mode_picks_highest_log_probability(tiny, labels):
     assert any(max(r["scores"].values()) - min(r["scores"].values()) > 1.0 for r in rows)  # scores not all equal
 
 
+def test_shared_header_scores_real_meld_dev_as_full_forwards(tiny, data_dir):
+    """predict computes the header of MELD's prompts once; every score still equals a full forward's."""
+    model, tok = tiny
+    exs = random.Random(1).sample(data.build_examples(data.load_split("meld", "dev", data_dir), 2), 24)
+    prompts = [ev.prompt_ids(tok, ex, 1024) for ex in exs]
+    P = ev.header_length(prompts)
+    assert P >= 20 and all(p[:P] == prompts[0][:P] for p in prompts)  # BOS, the task line and the labels
+    rows = ev.predict(model, tok, exs, max_len=1024, batch_size=8, progress=False)
+    for ex, row in zip(exs, rows):
+        ref = reference_scores(model, tok, ex, 1024)
+        assert row["scores"] == pytest.approx(ref, abs=1e-4)
+        assert row["pred"] == max(ref, key=ref.get)
+
+
 def test_generate_mode_counts_invalid_answers(tiny):
     model, tok = tiny
     exs = examples()

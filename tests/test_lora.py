@@ -149,6 +149,35 @@ def test_dropout_on_lora_branch_only():
     assert torch.equal(y1, y2) and maxdiff(y1, base + x @ m.lora_A.T @ m.lora_B.T * 2) <= 1e-5
 
 
+def test_adapters_reading_one_input_share_one_dropout_mask():
+    """wq, wk, wv share one mask of their input and w1, w3 one of theirs; wo and w2 read other tensors and draw
+    their own; the rate stays p; a finished step's tensors are not kept."""
+    model = tiny_model()
+    lora.apply_lora(model, ALL, r=4, lora_alpha=8, dropout=0.5, verbose=False)
+    model.train()
+    shared = model.layers[0].attention.wq.dropout
+    assert shared is model.layers[0].attention.wk.dropout and isinstance(shared, lora.SharedDropout)
+    first = {}
+
+    class Record(nn.Module):  # what one adapter's dropout hands it
+        def __init__(self, inner, name):
+            super().__init__()
+            self.inner, self.name = inner, name
+
+        def forward(self, x):
+            return first.setdefault(self.name, self.inner(x))
+    for name, m in model.layers[0].named_modules():
+        if isinstance(m, lora.LoRALinear):
+            m.dropout = Record(m.dropout, name.split(".")[-1])
+    model(tokens()).sum().backward()
+    assert first["wq"] is first["wk"] is first["wv"] and first["w1"] is first["w3"]
+    assert first["wo"] is not first["wq"] and first["w2"] is not first["w1"]
+    zeros = (first["wq"] == 0).float().mean().item()
+    assert 0.4 < zeros < 0.6  # rate 0.5
+    first.clear()
+    assert shared.last[1]() is None  # the step's dropped input died with its graph
+
+
 def test_unknown_target_raises():
     model = tiny_model()
     with pytest.raises(cli.UserError, match=r"q_proj.*wq, wk, wv, wo, w1, w2, w3"):

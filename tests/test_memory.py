@@ -21,7 +21,8 @@ LLAMA2_7B = llama.ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, he
 
 def plan(args, argv):
     cfg, _ = train.parse_config(argv)
-    return dict((name.split(" ")[0], b) for name, b in train.memory_plan(args, cfg))
+    blocks = train.checkpointed_blocks(cfg, args, log=lambda *_: None)
+    return dict((name.split(" ")[0], b) for name, b in train.memory_plan(args, cfg, blocks))
 
 
 def saved_bytes(model, x):
@@ -58,6 +59,7 @@ MEASURE = """
 import json, sys
 sys.path.insert(0, {root!r})
 import train
+train.shared_length = lambda x, where: 0  # the plan's worst case: rows that share no prefix
 kb = lambda key: int(open("/proc/self/status").read().split(key + ":")[1].split()[0])
 base = kb("VmRSS")  # after imports
 train.main({argv!r})
@@ -97,8 +99,22 @@ def test_llama2_7b_fits_24gb_at_batch_4_by_512():
     assert sum(paper.values()) < sum(big.values()) < 24 * 2 ** 30
     assert big["base"] == 2 * 6_738_415_616  # bf16; the parameter count of Llama-2-7b-hf
     assert big["LoRA"] == 16 * 32 * 2 * 8 * (4096 + 4096)
-    no_ckpt = plan(LLAMA2_7B, ["--device", "cuda", "--max-len", "512", "--grad-ckpt", "0"])
+    no_ckpt = plan(LLAMA2_7B, ["--device", "cuda", "--max-len", "512", "--grad-ckpt", "none"])
     assert no_ckpt["activations"] > 10 * big["activations"]
+    half = plan(LLAMA2_7B, ["--device", "cuda", "--max-len", "512", "--grad-ckpt", "16"])
+    assert big["activations"] < half["activations"] < no_ckpt["activations"]
+
+
+@pytest.mark.parametrize("gib", [40, 20, 16])
+def test_auto_checkpoints_the_fewest_blocks_that_fit(gib):
+    """LLaMA-2-7B, the CUDA recipe at 4 x 256: no checkpointing fits 40 GB, some blocks 20 GB, all of them 16 GB."""
+    cfg, _ = train.parse_config(["--device", "cuda", "--gpu-mem", str(gib)])
+    assert cfg.grad_ckpt == "auto"
+    k = train.checkpointed_blocks(cfg, LLAMA2_7B, log=lambda *_: None)
+    budget = train.SAFETY * gib * 2 ** 30
+    assert (k == 0) == (gib == 40) and (k == 32) == (gib == 16)
+    assert k == 32 or train.plan_bytes(LLAMA2_7B, cfg, k) <= budget
+    assert k == 0 or train.plan_bytes(LLAMA2_7B, cfg, k - 1) > budget
 
 
 def test_dry_run_reads_config_only(tmp_path, capsys):
@@ -107,5 +123,6 @@ def test_dry_run_reads_config_only(tmp_path, capsys):
     train.main(["--dry-run", "--model", str(tmp_path), "--device", "cuda", "--max-len", "512", "--gpu-mem", "24"])
     out = capsys.readouterr().out
     assert "6.74B parameters" in out and "fits in 24.0 GiB" in out
+    assert "checkpointed" in out and "without checkpointing, micro-batches of up to" in out
     train.main(["--dry-run", "--model", str(tmp_path), "--device", "cuda", "--gpu-mem", "12"])
     assert "does NOT fit in 12.0 GiB" in capsys.readouterr().out

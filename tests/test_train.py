@@ -12,7 +12,7 @@ import data
 import eval as ev
 import lora
 import train
-from helpers import make_checkpoint, maxdiff, tiny_model
+from helpers import make_checkpoint, make_meld, maxdiff, tiny_model
 
 ALL = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
@@ -123,20 +123,62 @@ def step_loss(model, encoded, n_answer):
     return F.cross_entropy(model(x, logits_at=where), targets, reduction="sum") / n_answer
 
 
-def test_gradient_checkpointing_same_lora_gradients():
+@pytest.mark.parametrize("blocks", ["all", 1])
+def test_gradient_checkpointing_same_lora_gradients(blocks):
+    """Checkpointing every block, or only the first k, gives the gradients of none."""
     encoded = random_encoded(3)
     model = lora_model()
     assert not model.tok_embeddings.weight.requires_grad  # frozen embedding: the reentrant-checkpoint trap
     step_loss(model, encoded, 10).backward()
     plain = lora_grads(model)
     model.zero_grad(set_to_none=True)
-    model.checkpointing = True
+    model.checkpointing = model.args.n_layers if blocks == "all" else blocks
     step_loss(model, encoded, 10).backward()
     ckpt = lora_grads(model)
     assert plain.keys() == ckpt.keys() and len(ckpt) == 2 * len(ALL) * model.args.n_layers
     for n in plain:
         assert ckpt[n].abs().sum() > 0, n
         assert maxdiff(ckpt[n], plain[n]) <= 1e-6, n
+
+
+def with_header(encoded, header):
+    """The rows of `encoded` behind one shared header of token ids, as every instruction of a dataset starts."""
+    return [([ids[0]] + header + ids[1:], n) for ids, n in encoded]
+
+
+def rel_diff(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("blocks", [0, 1, 2])
+def test_shared_prefix_same_loss_and_gradients(blocks):
+    """forward_shared runs the rows' common prefix once as one row; the loss and every LoRA gradient equal those of
+    the unshared batch (float32, grouped-query attention, checkpointing none, some or all blocks, dropout 0)."""
+    encoded = with_header(random_encoded(5, seed=3), header=[7, 8, 9, 10, 11, 12, 13, 14])
+    x, where, targets = train.collate(encoded, 2, "cpu")
+    assert train.shared_length(x, where) >= 9  # BOS + the header, and no loss position inside it
+    model = lora_model()
+    assert model.args.n_kv_heads < model.args.n_heads
+    model.checkpointing = blocks
+    plain = F.cross_entropy(model(x, logits_at=where), targets, reduction="sum")
+    plain.backward()
+    plain_grads = lora_grads(model)
+    model.zero_grad(set_to_none=True)
+    shared = F.cross_entropy(train.forward_shared(model, x, where), targets, reduction="sum")
+    shared.backward()
+    shared_grads = lora_grads(model)
+    assert abs(shared.item() - plain.item()) <= 1e-5 * abs(plain.item())
+    for n in plain_grads:
+        assert plain_grads[n].norm() > 0, n
+        assert rel_diff(shared_grads[n], plain_grads[n]) <= 1e-5, n
+
+
+def test_shared_length_stops_before_the_first_loss_position():
+    encoded = [([1, 5, 6, 40, 2], 2), ([1, 5, 6, 40, 41, 2], 2)]  # rows agree up to 40, where row 0's answer begins
+    x, where, _ = train.collate(encoded, 2, "cpu")
+    assert train.shared_length(x, where) == 2  # position 2 predicts row 0's first answer token
+    x, where, _ = train.collate([([1, 5, 6, 2], 1), ([4, 5, 6, 2], 1)], 2, "cpu")
+    assert train.shared_length(x, where) == 0  # the first tokens differ
 
 
 def test_gradient_accumulation_equals_one_batch():
@@ -233,3 +275,28 @@ def test_main_end_to_end_and_checkpoint_reload(tmp_path, shared_models, data_dir
     x = torch.tensor([tok.encode("Ross: We were on a break!\n### Response:\n", bos=True)])
     with torch.no_grad():
         assert maxdiff(model(x), hf(x).logits) <= 1e-4
+
+
+def test_cuda_recipe_code_path_runs_on_cpu_in_bfloat16(tmp_path, shared_models):
+    """--dtype bfloat16 on the CPU runs what a GPU runs: bf16 base weights under autocast, every block checkpointed,
+    float32 LoRA and AdamW state; the loss stays finite and falls."""
+    folder, out = tmp_path / "model", tmp_path / "run"
+    make_checkpoint(folder, shared_models)
+    make_meld(tmp_path / "data", 4, 4, label="joy")
+    argv = ["--model", str(folder), "--data-dir", str(tmp_path / "data"), "--out", str(out), "--device", "cpu",
+            "--dtype", "bfloat16", "--grad-ckpt", "all", "--targets", "wq,wv", "--r", "8", "--lora-alpha", "64",
+            "--batch-size", "4", "--grad-accum", "1", "--max-steps", "8", "--lr", "1e-2", "--warmup", "1",
+            "--window", "1", "--dev-limit", "4", "--save-every", "1"]
+    cfg, _ = train.parse_config(argv)
+    model, _, opt = train.load_model(cfg, log=lambda *_: None)
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16 == model.layers[0].attention.wq.weight.dtype
+    assert model.checkpointing == model.args.n_layers
+    train.main(argv)
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-2:]) < 0.5 * sum(losses[:2]), losses
+    last = torch.load(out / "ckpt_last.pt", weights_only=True)
+    assert last["config"]["dtype"] == "bfloat16"
+    assert all(t.dtype == torch.float32 for t in last["lora"].values())
+    moments = [v for s in last["optimizer"]["state"].values() for k, v in s.items() if k != "step"]
+    assert moments and all(t.dtype == torch.float32 for t in moments)
