@@ -324,6 +324,19 @@ def show(title: str, res: dict, split: str) -> None:
             print(f"{title}{name} {split}: weighted F1 {100 * m['weighted_f1']:.2f}{raw}  accuracy "
                   f"{100 * m['accuracy']:.2f}  macro F1 {100 * m['macro_f1']:.2f}  invalid {m['invalid']}  n={m['n']}")
 
+def show_classes(m: dict) -> None:
+    """Per-class precision, recall, F1 (%) and support, then the confusion matrix (rows gold, columns predicted)."""
+    labels = m["labels"]
+    width = max(len("gold / predicted"), *map(len, labels)) + 2
+    print(f"{'':{width}}precision  recall      F1  support")
+    for label in labels:
+        c = m["per_class"][label]
+        scores = f"{100 * c['precision']:9.2f}{100 * c['recall']:8.2f}{100 * c['f1']:8.2f}"
+        print(f"{label:{width}}{scores}{c['support']:9d}")
+    print("gold / predicted".ljust(width) + "".join(f"{label[:8]:>9}" for label in labels))
+    for label, row in zip(labels, m["confusion"]):
+        print(f"{label:{width}}" + "".join(f"{n:9d}" for n in row))
+
 def main(argv=None):
     a = parse_args(argv)
     if a.input:
@@ -345,6 +358,8 @@ def main(argv=None):
     rows, res = evaluate(model, tok, a, cfg, descriptions, keep)
     res["seconds"] = round(time.time() - t0, 1)
     show("", res, a.split)
+    for name in data.datasets_for(a.data or cfg["data"], a.data_dir):
+        show_classes(res[name])
     if descriptions:
         res["described_utterances"] = compare_descriptions(model, tok, a, cfg, rows, len(descriptions))
     print("predicted:", dict(Counter(r["pred"] for r in rows).most_common()))

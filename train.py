@@ -86,9 +86,9 @@ def blocks_flag(value: str) -> str:
 FLAG_TYPES = dict(window=cli.natural_int, max_len=cli.positive_int, r=cli.positive_int, lora_alpha=cli.positive_float,
                   dropout=cli.fraction, lr=cli.positive_float, warmup=cli.natural_int, epochs=cli.positive_float,
                   batch_size=cli.positive_int, grad_accum=cli.positive_int, weight_decay=cli.fraction,
-                  grad_clip=cli.positive_float, grad_ckpt=blocks_flag, max_steps=cli.natural_int, gpu_mem=cli.positive_float,
-                  eval_every=cli.natural_int, dev_limit=cli.positive_int, calibrate=cli.boolean,
-                  save_every=cli.positive_int, seed=cli.natural_int)
+                  grad_clip=cli.positive_float, grad_ckpt=blocks_flag, max_steps=cli.natural_int,
+                  gpu_mem=cli.positive_float, eval_every=cli.natural_int, dev_limit=cli.positive_int,
+                  calibrate=cli.boolean, save_every=cli.positive_int, seed=cli.natural_int)
 RUN_FILES = ("ckpt.pt", "ckpt_last.pt", "metrics.jsonl")
 RESUME_KEYS = ("config", "lora", "optimizer", "step", "best")
 

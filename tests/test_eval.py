@@ -199,3 +199,14 @@ def test_calibrate_leaves_datasets_without_offsets_alone():
             dict(dataset="meld", gold="joy", pred="neutral", scores={l: float(i == 0) for i, l in enumerate(LABELS)})]
     ev.calibrate(rows, {"meld": [0.0, 0, 0, 0, 5.0, 0, 0]})
     assert [r["pred"] for r in rows] == ["sad", "joy"]
+
+
+def test_per_class_table_and_confusion_matrix_are_printed(capsys):
+    labels = ["neutral", "surprise", "joy"]
+    m = ev.metrics(["joy", "neutral", "neutral", "surprise"], ["joy", "joy", "neutral", "neutral"], labels)
+    ev.show_classes(m)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["precision", "recall", "F1", "support"]
+    assert lines[1].split() == ["neutral", "50.00", "50.00", "50.00", "2"]
+    assert lines[4].split()[-3:] == labels[:3]  # gold / predicted header
+    assert [line.split()[1:] for line in lines[5:8]] == [["1", "0", "1"], ["1", "0", "0"], ["0", "0", "1"]]
