@@ -225,13 +225,14 @@ def gpu_train(a: dict) -> dict:
             from peft import LoraConfig, get_peft_model
             from transformers import LlamaConfig, LlamaForCausalLM
             from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+            config = LlamaConfig(**cfg)
             with torch.device("meta"):
-                model = LlamaForCausalLM(LlamaConfig(**cfg))
+                model = LlamaForCausalLM(config)
             model = model.to_empty(device=dev).to(dtype)
             random_weights(model)
             # to_empty() leaves buffers as uninitialised memory: rebuild the rotary table (float32, as loaded models keep
             # it), else its garbage inv_freq can make the loss NaN.
-            model.model.rotary_emb = LlamaRotaryEmbedding(LlamaConfig(**cfg)).to(dev)
+            model.model.rotary_emb = LlamaRotaryEmbedding(config).to(dev)
             model = get_peft_model(model, LoraConfig(r=a["r"], lora_alpha=a["lora_alpha"], lora_dropout=a["dropout"],
                                                      target_modules=[HF_TARGETS[t] for t in a["targets"].split(",")]))
             if a["blocks"]:
