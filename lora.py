@@ -6,7 +6,6 @@ A starts Kaiming-uniform and B at zero, so a fresh adapter leaves the model unch
 loralib). The base weight keeps its own name (`...wq.weight`), so a merged state dict has the base format.
 """
 import math
-import weakref
 
 import torch
 import torch.nn as nn
@@ -17,19 +16,30 @@ import cli
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # the linear layers of a LLaMA block (llama.py's names)
 
 class SharedDropout(nn.Module):
-    """Dropout that draws one mask per input tensor: the adapters of one module that read the same x (wq, wk, wv
-    of an Attention; w1, w3 of a FeedForward) share it, as litgpt's fused qkv adapter does. Each adapter still sees
-    dropout at rate p. Weak references: a finished step's tensors are not kept alive."""
-    def __init__(self, p: float):
+    """Dropout whose one mask the `users` adapters reading the same input share (wq, wk, wv of an Attention; w1, w3
+    of a FeedForward), as litgpt's fused qkv adapter does: each adapter still sees dropout at rate p.
+
+    The first user draws the mask from the RNG, the last one releases it, so nothing outlives the call. Masks are
+    drawn in a fixed order within each block; activation checkpointing restores the RNG state before it recomputes
+    a block, so backward sees exactly the masks the forward drew. `reset` (a forward pre-hook of the module, see
+    apply_lora) starts each call of the module afresh, even after an interrupted one."""
+    def __init__(self, p: float, users: int):
         super().__init__()
         self.p = p
-        self.last = None  # (input, output) of the last call, as weak references
+        self.users = users
+        self.reset()
+
+    def reset(self, *hook_args):
+        self.calls = 0
+        self.out = None
 
     def forward(self, x):
-        if self.last is not None and self.last[0]() is x and self.last[1]() is not None:
-            return self.last[1]()
-        out = F.dropout(x, self.p, self.training)
-        self.last = (weakref.ref(x), weakref.ref(out))
+        if self.calls == 0:
+            self.out = F.dropout(x, self.p, self.training)
+        out = self.out
+        self.calls += 1
+        if self.calls == self.users:
+            self.reset()
         return out
 
 class LoRALinear(nn.Module):
@@ -71,6 +81,16 @@ class LoRALinear(nn.Module):
             self.weight.copy_((self.weight.float() - self.delta()).to(self.weight.dtype))
             self.merged = False
 
+SHARED_INPUT = (("wq", "wk", "wv"), ("w1", "w3"))  # adapters that read one tensor in llama.py's forward
+
+def shared_inputs(layers: list[tuple[nn.Module, str]]) -> dict[tuple[nn.Module, tuple], list[str]]:
+    """Group (module, target name) pairs by the tensor the targets read: {(module, group): [names]}."""
+    groups = {}
+    for module, name in layers:
+        group = next((g for g in SHARED_INPUT if name in g), (name,))
+        groups.setdefault((module, group), []).append(name)
+    return groups
+
 def apply_lora(model, targets=("wq", "wv"), r=8, lora_alpha=16, dropout=0.0, verbose=True) -> nn.Module:
     """Freeze `model`, then swap every nn.Linear named in `targets` (TARGETS; the paper's q_proj, v_proj are
     wq, wv) for a LoRALinear in place. cli.UserError, before any change, for a target matching no layer."""
@@ -80,12 +100,13 @@ def apply_lora(model, targets=("wq", "wv"), r=8, lora_alpha=16, dropout=0.0, ver
     if unmatched:
         raise cli.UserError(f"LoRA targets {unmatched} match no linear layer; valid: {', '.join(TARGETS)}")
     model.requires_grad_(False)
-    shared = {}  # one SharedDropout per module (an Attention, a FeedForward), for its adapters
-    for module, name in layers:
-        if dropout > 0 and module not in shared:
-            shared[module] = SharedDropout(dropout)
-        rate = shared.get(module, 0.0)
-        setattr(module, name, LoRALinear(getattr(module, name), r, lora_alpha, rate))
+    for (module, _), names in shared_inputs(layers).items():
+        rate = dropout
+        if dropout > 0 and len(names) > 1:
+            rate = SharedDropout(dropout, users=len(names))
+            module.register_forward_pre_hook(rate.reset)
+        for name in names:
+            setattr(module, name, LoRALinear(getattr(module, name), r, lora_alpha, rate))
     if verbose:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())

@@ -106,9 +106,9 @@ def test_make_batches_cover_once_deterministic_and_length_grouped():
 
 # ---------------------------------------------------------------- gradients
 
-def lora_model(targets=ALL, r=4, seed=0):
+def lora_model(targets=ALL, r=4, seed=0, dropout=0.0):
     model = tiny_model(seed)
-    lora.apply_lora(model, targets, r=r, lora_alpha=2 * r, verbose=False)
+    lora.apply_lora(model, targets, r=r, lora_alpha=2 * r, dropout=dropout, verbose=False)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -123,22 +123,49 @@ def step_loss(model, encoded, n_answer):
     return F.cross_entropy(model(x, logits_at=where), targets, reduction="sum") / n_answer
 
 
-@pytest.mark.parametrize("blocks", ["all", 1])
-def test_gradient_checkpointing_same_lora_gradients(blocks):
-    """Checkpointing every block, or only the first k, gives the gradients of none."""
-    encoded = random_encoded(3)
-    model = lora_model()
-    assert not model.tok_embeddings.weight.requires_grad  # frozen embedding: the reentrant-checkpoint trap
-    step_loss(model, encoded, 10).backward()
-    plain = lora_grads(model)
+def checkpointed_step(model, blocks, x, where, targets, forward):
+    """(loss, LoRA gradients) of one micro-batch with the first `blocks` blocks checkpointed; the RNG is seeded as
+    train.optimizer_step seeds it, so every run draws the same dropout masks."""
     model.zero_grad(set_to_none=True)
-    model.checkpointing = model.args.n_layers if blocks == "all" else blocks
-    step_loss(model, encoded, 10).backward()
-    ckpt = lora_grads(model)
-    assert plain.keys() == ckpt.keys() and len(ckpt) == 2 * len(ALL) * model.args.n_layers
-    for n in plain:
-        assert ckpt[n].abs().sum() > 0, n
-        assert maxdiff(ckpt[n], plain[n]) <= 1e-6, n
+    model.checkpointing = blocks
+    torch.manual_seed(1234)
+    loss = F.cross_entropy(forward(model, x, where), targets, reduction="sum")
+    loss.backward()
+    return loss.item(), lora_grads(model)
+
+
+@pytest.mark.parametrize("forward", ["plain", "shared"])
+def test_gradient_checkpointing_never_changes_training(forward):
+    """With LoRA dropout on (0.05, the recipes' rate), checkpointing no block, the first one, or all of them gives
+    the same loss and the same LoRA gradients (float32, 1e-6 relative), through the plain forward and through the
+    shared-header forward train.py uses. The frozen embedding is the reentrant-checkpoint trap."""
+    forward = {"plain": lambda m, x, w: m(x, logits_at=w), "shared": train.forward_shared}[forward]
+    encoded = with_header(random_encoded(4, seed=2), header=[7, 8, 9, 10, 11, 12])
+    x, where, targets = train.collate(encoded, 2, "cpu")
+    model = lora_model(dropout=0.05)
+    assert not model.tok_embeddings.weight.requires_grad
+    loss, grads = checkpointed_step(model, 0, x, where, targets, forward)
+    assert len(grads) == 2 * len(ALL) * model.args.n_layers
+    for blocks in (1, model.args.n_layers):
+        ckpt_loss, ckpt_grads = checkpointed_step(model, blocks, x, where, targets, forward)
+        assert abs(ckpt_loss - loss) <= 1e-6 * abs(loss), blocks
+        for n in grads:
+            assert grads[n].norm() > 0, n
+            assert rel_diff(ckpt_grads[n], grads[n]) <= 1e-6, (blocks, n)
+
+
+def test_dropout_masks_change_the_gradients():
+    """The check above can fail: another dropout draw changes the gradients far beyond its tolerance."""
+    encoded = with_header(random_encoded(4, seed=2), header=[7, 8, 9, 10, 11, 12])
+    x, where, targets = train.collate(encoded, 2, "cpu")
+    model = lora_model(dropout=0.05)
+    forward = lambda m, x, w: m(x, logits_at=w)  # noqa: E731
+    _, grads = checkpointed_step(model, 0, x, where, targets, forward)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(99)  # other masks
+    F.cross_entropy(forward(model, x, where), targets, reduction="sum").backward()
+    other = lora_grads(model)
+    assert max(rel_diff(other[n], grads[n]) for n in grads) > 1e-3
 
 
 def with_header(encoded, header):
@@ -300,3 +327,25 @@ def test_cuda_recipe_code_path_runs_on_cpu_in_bfloat16(tmp_path, shared_models):
     assert all(t.dtype == torch.float32 for t in last["lora"].values())
     moments = [v for s in last["optimizer"]["state"].values() for k, v in s.items() if k != "step"]
     assert moments and all(t.dtype == torch.float32 for t in moments)
+
+
+def test_grad_ckpt_flag_never_changes_a_run(tmp_path, shared_models):
+    """From the command line, dropout 0.05 (the recipes' rate): --grad-ckpt none, 1 (some but not all of the 2
+    blocks) and all log the same losses and save the same adapter (float32, 1e-6 relative)."""
+    make_checkpoint(tmp_path / "model", shared_models)
+    make_meld(tmp_path / "data", n_dialogues=4)
+    runs = {}
+    for blocks in ("none", "1", "all"):
+        out = tmp_path / blocks
+        train.main(["--model", str(tmp_path / "model"), "--data-dir", str(tmp_path / "data"), "--out", str(out),
+                    "--device", "cpu", "--dtype", "float32", "--grad-ckpt", blocks, "--dropout", "0.05",
+                    "--batch-size", "4", "--grad-accum", "2", "--max-steps", "3", "--lr", "1e-2", "--warmup", "1",
+                    "--window", "1", "--dev-limit", "4"])
+        losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[blocks] = losses, torch.load(out / "ckpt_last.pt", weights_only=True)["lora"]
+    losses, adapter = runs["none"]
+    for blocks in ("1", "all"):
+        other_losses, other = runs[blocks]
+        assert other_losses == pytest.approx(losses, rel=1e-6), blocks
+        for k in adapter:
+            assert rel_diff(other[k], adapter[k]) <= 1e-6, (blocks, k)
