@@ -88,17 +88,13 @@ class KVCache:
         self.grow = True
 
     def expand(self, n: int) -> "KVCache":
-        """Each row repeated n times (row b -> rows b*n .. b*n + n-1): n continuations share one prompt.
-        A one-row cache is expanded as a view, without copying."""
+        """This one-row cache as n rows, a view without copying: n prompts share one prefix."""
+        if self.mask.shape[0] != 1:
+            raise ValueError(f"only a one-row cache is expanded, not one of {self.mask.shape[0]} rows")
         c = KVCache(len(self.k))
-        if self.mask.shape[0] == 1:
-            c.k = [t.expand(n, -1, -1, -1) for t in self.k]
-            c.v = [t.expand(n, -1, -1, -1) for t in self.v]
-            c.mask = self.mask.expand(n, -1)
-            return c
-        c.k = [t.repeat_interleave(n, dim=0) for t in self.k]
-        c.v = [t.repeat_interleave(n, dim=0) for t in self.v]
-        c.mask = self.mask.repeat_interleave(n, dim=0)
+        c.k = [t.expand(n, -1, -1, -1) for t in self.k]
+        c.v = [t.expand(n, -1, -1, -1) for t in self.v]
+        c.mask = self.mask.expand(n, -1)
         return c
 
 class Attention(nn.Module):
@@ -193,6 +189,11 @@ class Transformer(nn.Module):
         else:
             mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
             pos, attn_mask = padded_positions(mask, cache)
+        return self.forward_masked(tokens, pos, attn_mask, cache, logits_at)
+
+    def forward_masked(self, tokens, pos, attn_mask, cache=None, logits_at=None):
+        """forward with the rotary positions pos (B, T) int64 and the attention mask (B, 1, T, S) bool (None:
+        causal) given, for any attention pattern (score_continuations' candidates side by side in one row)."""
         freqs = rope_frequencies(self.args, tokens.device)  # (D/2,)
         angles = pos.clamp(min=0)[:, None, :, None].float() * freqs  # (B, 1, T, D/2), float32
         dtype = self.tok_embeddings.weight.dtype
@@ -248,11 +249,28 @@ def prefill(model, ids: list[int]) -> KVCache:
     model(x, cache=cache, logits_at=(slice(None), -1))  # the head at one position only: its output is not used
     return cache
 
+def candidate_mask(cache_mask: torch.Tensor, cand_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary positions (B, N) and attention mask (B, 1, N, S + N) bool for C candidates of L tokens each, set
+    side by side (N = C * L) after every row of a cache whose mask is cache_mask (B, S): a candidate's token j
+    sits at position (the row's real cached tokens) + j and sees those cached tokens and its own tokens up to j,
+    never another candidate's. cand_mask (C, L) bool, True at real candidate tokens."""
+    C, L = cand_mask.shape
+    B = cache_mask.shape[0]
+    j = torch.arange(L, device=cache_mask.device)
+    pos = cache_mask.sum(1, keepdim=True) + j.repeat(C)  # (B, N)
+    which = torch.arange(C, device=cache_mask.device).repeat_interleave(L)  # (N,) the candidate of each slot
+    own = (which[:, None] == which[None, :]) & (j.repeat(C)[:, None] >= j.repeat(C)[None, :])  # (N, N)
+    own = own & cand_mask.reshape(1, -1)  # padding of a candidate is never a key
+    keys = torch.cat([cache_mask[:, None, :].expand(B, C * L, -1), own.expand(B, -1, -1)], dim=2)  # (B, N, S+N)
+    return pos, keys[:, None]
+
 @torch.inference_mode()
 def score_continuations(model, prompts: list[list[int]], candidates: list[list[int]], pad_id: int,
                         prefix: KVCache | None = None):
     """Summed token log-probs (len(prompts), len(candidates)) float32 of each candidate after each prompt.
-    A prompt runs once (right-padded, masked); all candidates share its KV cache (`expand`) in one batch.
+    A prompt runs once (right-padded, masked); then every candidate's later tokens run side by side in one row
+    per prompt, attending to the prompt's cache and to their own earlier tokens (candidate_mask): the cache is
+    never copied per candidate, so its memory does not grow with the number of candidates.
     prefix: a one-row cache (`prefill`) of tokens that come before every prompt, or None; prompts exclude them."""
     device = model.tok_embeddings.weight.device
     B, C = len(prompts), len(candidates)
@@ -266,11 +284,12 @@ def score_continuations(model, prompts: list[list[int]], candidates: list[list[i
     scores = first[:, cand[:, 0]]  # (B, C): log p(first candidate token | prompt)
     if L == 1:
         return scores.float()
-    cache = cache.expand(C)  # later candidate tokens: one pass of B*C rows through every prompt's cache
-    inputs = cand[:, :-1].repeat(B, 1)  # (B*C, L-1), row b*C + c
-    logp = model(inputs, mask=cm[:, :-1].repeat(B, 1), cache=cache).log_softmax(-1)  # (B*C, L-1, V)
-    nxt = cand[:, 1:].repeat(B, 1)  # (B*C, L-1): the token each position predicts
-    tok_lp = logp.gather(-1, nxt[..., None])[..., 0].view(B, C, L - 1)
+    inputs = cand[:, :-1].reshape(1, -1).expand(B, -1)  # (B, C*(L-1)): every candidate but its last token
+    pos, attn_mask = candidate_mask(cache.mask, cm[:, :-1])
+    cache.grow = False  # the candidates attend to the prompt's cache; they do not extend it
+    logp = model.forward_masked(inputs, pos, attn_mask, cache).log_softmax(-1)  # (B, C*(L-1), V)
+    nxt = cand[:, 1:].reshape(1, -1, 1).expand(B, -1, 1)  # (B, C*(L-1), 1): the token each slot predicts
+    tok_lp = logp.gather(-1, nxt)[..., 0].view(B, C, L - 1)
     return (scores + (tok_lp * cm[:, 1:]).sum(-1)).float()  # padding tokens count 0
 
 # ---------------------------------------------------------------- loading a Hugging Face folder

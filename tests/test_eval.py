@@ -159,6 +159,52 @@ def test_shared_header_scores_real_meld_dev_as_full_forwards(tiny, data_dir):
         assert row["pred"] == max(ref, key=ref.get)
 
 
+def test_gold_label_changes_no_prompt(tiny):
+    """At the edge of max_len, two examples that differ only in their gold label get the same prompt ids and the
+    same scores: evaluation keeps room for the longest label, whatever the answer."""
+    model, tok = tiny
+    ex = examples(n=4)[-1]
+    answer = {label: len(ids) + 1 for label, ids in data.label_token_ids(tok, LABELS).items()}  # + EOS
+    shortest, longest = min(answer, key=answer.get), max(answer, key=answer.get)
+    assert answer[shortest] < answer[longest] and ex["context"]  # else the test could not fail
+    full = len(tok.encode(ex["prompt"], bos=True))
+    max_len = full + answer[shortest]  # the whole context fits beside the shortest label, not the longest
+    short, long = dict(ex, label=shortest), dict(ex, label=longest)
+    assert ev.prompt_ids(tok, short, max_len) == ev.prompt_ids(tok, long, max_len)
+    assert len(ev.prompt_ids(tok, short, max_len)) < full  # context was cut, for both
+    rows = ev.predict(model, tok, [short, long], max_len, progress=False)
+    assert rows[0]["scores"] == rows[1]["scores"]
+
+
+def cache_bytes_seen(model, run) -> int:
+    """The most bytes of cached keys and values any attention layer is handed while `run()` scores."""
+    seen = [0]
+
+    def record(module, args):
+        past_k, past_v = args[4:6] if len(args) >= 6 else (None, None)
+        if past_k is not None:
+            seen[0] = max(seen[0], past_k.numel() * past_k.element_size() * 2)
+    hooks = [layer.attention.register_forward_pre_hook(record) for layer in model.layers]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen[0]
+
+
+def test_scoring_cache_bytes_do_not_grow_with_the_number_of_candidates(tiny):
+    """Multi-token candidates attend to the prompt's cache side by side: 2 or 12 candidates, the same cache."""
+    model, tok = tiny
+    prompts = [tok.encode(e["prompt"], bos=True) for e in examples(n=3)]
+    words = "sad sadness joy anger surprise neutral fear disgust happy excited frustrated calm".split()
+    cands = [tok.encode(w) + [tok.eos_id] for w in words]
+    assert min(map(len, cands)) >= 2  # every candidate runs tokens after the prompt
+    few = cache_bytes_seen(model, lambda: llama.score_continuations(model, prompts, cands[:2], tok.pad_id))
+    many = cache_bytes_seen(model, lambda: llama.score_continuations(model, prompts, cands, tok.pad_id))
+    assert few > 0 and many == few
+
+
 def test_generate_mode_counts_invalid_answers(tiny):
     model, tok = tiny
     exs = examples()
