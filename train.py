@@ -38,7 +38,7 @@ from eval import calibrated_report, predict
 class Config:
     data: str = "meld"  # meld, emorynlp, iemocap, a comma list, or all
     data_dir: str | None = None
-    model: str = "default"  # "default" (SmolLM2-135M-Instruct, no download) or a HF-format folder
+    model: str = "default"  # "default" (SmolLM2-135M-Instruct), a HF folder, or a repo id in the local HF cache
     out: str = "runs/meld"
     descriptions: str | None = None  # video descriptions JSONL
     window: int = WINDOW  # previous utterances in the prompt
@@ -114,7 +114,7 @@ def parse_config(argv=None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--from", dest="src", metavar="CKPT", help="the checkpoint to export")
     a = p.parse_args(argv)
     cfg = with_recipe(Config(**{f.name: getattr(a, f.name) for f in fields(Config)}))
-    if cfg.model != "default":
+    if cfg.model != "default" and Path(cfg.model).exists():  # a Hub repo id (owner/name) stays as given
         cfg.model = str(Path(cfg.model).resolve())
     cli.check_names("--targets", cfg.targets.split(","), lora.TARGETS)
     cli.check_names("--dtype", [cfg.dtype], DTYPES)
