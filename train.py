@@ -7,6 +7,7 @@
     python train.py --grad-ckpt auto|all|none|N --dtype bfloat16 # checkpointed blocks; base weights' precision
     python train.py --resume runs/meld/ckpt_last.pt              # continue a stopped run exactly
     python train.py --export-peft DIR --from runs/meld/ckpt.pt   # or --export-merged DIR: a full HF checkpoint
+    python train.py --export-merged DIR --from CKPT --dtype float32 --shard-size 5  # its dtype, GB per shard
 
 DialogueLLM (Zhang et al. 2023, arXiv 2310.11374, Sec. 3): one instruction per utterance, the loss on the answer
 (label + EOS) only. Every default lives once, in Config; fields left None come from RECIPES."""
@@ -38,7 +39,7 @@ from eval import calibrated_report, predict
 class Config:
     data: str = "meld"  # meld, emorynlp, iemocap, a comma list, or all
     data_dir: str | None = None
-    model: str = "default"  # "default" (SmolLM2-135M-Instruct, no download) or a HF-format folder
+    model: str = "default"  # "default" (SmolLM2-135M-Instruct), a HF folder, or a repo id in the local HF cache
     out: str = "runs/meld"
     descriptions: str | None = None  # video descriptions JSONL
     window: int = WINDOW  # previous utterances in the prompt
@@ -112,9 +113,11 @@ def parse_config(argv=None) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--export-peft", metavar="DIR", help="write the adapter of --from as a Hugging Face peft adapter")
     p.add_argument("--export-merged", metavar="DIR", help="write --from merged into a full Hugging Face checkpoint")
     p.add_argument("--from", dest="src", metavar="CKPT", help="the checkpoint to export")
+    p.add_argument("--shard-size", type=cli.positive_float, metavar="GB",
+                   help="--export-merged: the most gigabytes per safetensors shard (default 5, as the Hub)")
     a = p.parse_args(argv)
     cfg = with_recipe(Config(**{f.name: getattr(a, f.name) for f in fields(Config)}))
-    if cfg.model != "default":
+    if cfg.model != "default" and Path(cfg.model).exists():  # a Hub repo id (owner/name) stays as given
         cfg.model = str(Path(cfg.model).resolve())
     cli.check_names("--targets", cfg.targets.split(","), lora.TARGETS)
     cli.check_names("--dtype", [cfg.dtype], DTYPES)
@@ -437,7 +440,7 @@ def print_plan(cfg: Config) -> None:
 def main(argv=None):
     cfg, a = parse_config(argv)
     if a.export_peft or a.export_merged:
-        return convert.export(a.src, a.export_peft, a.export_merged)
+        return convert.export(a.src, a.export_peft, a.export_merged, a.dtype, a.shard_size)
     state = cli.read_checkpoint(a.resume, RESUME_KEYS) if a.resume else None
     if state:  # a resumed run is the saved run: same config, so the same batches and schedule
         cfg = saved_config(state, a)
