@@ -250,11 +250,13 @@ def run_config(ckpt: dict, path) -> dict:
     return cfg
 
 
-def load_checkpoint(path, device="cpu", dtype=None, ckpt: dict | None = None):
-    """Rebuild (model with the adapter merged, in eval mode; Tokenizer; checkpoint dict) from a train.py
-    checkpoint alone.
+def load_checkpoint(path, device="cpu", dtype=None, ckpt: dict | None = None, merge: bool | None = None):
+    """Rebuild (model with the adapter, in eval mode; Tokenizer; checkpoint dict) from a train.py checkpoint alone.
 
-    dtype defaults to bfloat16 on CUDA and float32 elsewhere; the merge runs in float32 (LoRALinear.merge).
+    dtype defaults to bfloat16 on CUDA and float32 elsewhere. merge (default: only in float32) folds B A into the
+    base weights (LoRALinear.merge, in float32, then cast back). A bfloat16 or float16 base keeps the adapter
+    unmerged: there one rounding step of a weight near 0.02 (~1.2e-4) is the size of the LoRA update itself, so a
+    merged model would be a coarser one than the model on which dev chose the checkpoint and fitted the offsets.
     Raises cli.UserError (or cli.MissingError) for a file that is not a readable checkpoint, a missing base
     model, or an adapter or model description that does not fit the base model (naming the checkpoint).
     `ckpt`: the file's content when the caller has read it already (cli.read_checkpoint), so it is read once.
@@ -270,7 +272,10 @@ def load_checkpoint(path, device="cpu", dtype=None, ckpt: dict | None = None):
                             f"but {cfg['model']} has {asdict(model.args)}")
     lora.apply_lora(model, cfg["targets"].split(","), cfg["r"], cfg["lora_alpha"], verbose=False)
     lora.load_lora_state_dict(model, ckpt["lora"], path)
-    lora.merge_all(model)  # inference only: fold B A into the base weights, one matmul per layer
+    if merge is None:
+        merge = dtype == torch.float32
+    if merge:
+        lora.merge_all(model)  # fold B A into the base weights: one matmul per layer at inference
     return model.to(device).eval(), tok, ckpt
 
 
@@ -311,7 +316,7 @@ def export_merged(ckpt_path, out_dir, dtype: str | None = None, shard_bytes: int
     base = model_dir(run_config(ckpt, ckpt_path)["model"])
     hf_cfg = cli.read_json(base / "config.json")
     name = dtype or hf_cfg.get("torch_dtype") or hf_cfg.get("dtype") or "float32"
-    model, _, _ = load_checkpoint(ckpt_path, dtype=getattr(torch, name), ckpt=ckpt)  # merged in place
+    model, _, _ = load_checkpoint(ckpt_path, dtype=getattr(torch, name), ckpt=ckpt, merge=True)
     tied = model.args.tie_embeddings  # then lm_head.weight is not saved: transformers ties it again
     state = {llama.ours_to_hf(k): v for k, v in model.state_dict().items()
              if not k.endswith((".lora_A", ".lora_B")) and not (tied and k == "output.weight")}  # no copies

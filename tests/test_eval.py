@@ -10,6 +10,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 import data
 import eval as ev
 import llama
+import lora
 from helpers import make_checkpoint
 
 LABELS = data.LABELS["meld"]
@@ -256,3 +257,29 @@ def test_per_class_table_and_confusion_matrix_are_printed(capsys):
     assert lines[1].split() == ["neutral", "50.00", "50.00", "50.00", "2"]
     assert lines[4].split()[-3:] == labels[:3]  # gold / predicted header
     assert [line.split()[1:] for line in lines[5:8]] == [["1", "0", "1"], ["1", "0", "0"], ["0", "0", "1"]]
+
+
+def test_bfloat16_eval_scores_the_model_dev_chose(tmp_path, shared_models):
+    """A bfloat16 run: eval's model (load_checkpoint keeps the adapter unmerged in bf16) gives exactly the scores
+    train.evaluate's model gives for the same checkpoint; merging into bf16 weights would round the update."""
+    import train
+    from helpers import make_meld
+    make_checkpoint(tmp_path / "model", shared_models)
+    make_meld(tmp_path / "data", n_dialogues=4)
+    argv = ["--model", str(tmp_path / "model"), "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+            "--device", "cpu", "--dtype", "bfloat16", "--batch-size", "4", "--grad-accum", "1", "--max-steps", "3",
+            "--lr", "1e-2", "--warmup", "1", "--window", "1", "--r", "4", "--lora-alpha", "8"]
+    train.main(argv)
+    ckpt_path = tmp_path / "run" / "ckpt.pt"
+    cfg, _ = train.parse_config(argv)
+    trained, tok, _ = train.load_model(cfg, log=lambda *_: None)  # the model as train.evaluate holds it
+    lora.load_lora_state_dict(trained, torch.load(ckpt_path, weights_only=True)["lora"], ckpt_path)
+    dev = data.build_examples(data.load_split("meld", "dev", tmp_path / "data"), 1)
+    expect = ev.predict(trained.eval(), tok, dev, 256, progress=False)
+    model, _, _ = ev.load_checkpoint(ckpt_path, dtype=torch.bfloat16)
+    assert model.layers[0].attention.wq.weight.dtype == torch.bfloat16
+    assert [r["scores"] for r in ev.predict(model, tok, dev, 256, progress=False)] == [r["scores"] for r in expect]
+    merged, _, _ = ev.load_checkpoint(ckpt_path, dtype=torch.bfloat16, merge=True)
+    diff = max(abs(a["scores"][k] - b["scores"][k]) for a, b in
+               zip(ev.predict(merged, tok, dev, 256, progress=False), expect) for k in a["scores"])
+    assert diff > 1e-3  # the rounding the unmerged model avoids
