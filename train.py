@@ -75,6 +75,7 @@ RECIPES = {
                 grad_accum=2, grad_ckpt="none", dtype="float32"),
 }
 DTYPES = ("float32", "bfloat16")
+EVAL_BATCH = 8  # prompts per scoring batch at the dev evaluations, unless the memory plan says fewer
 SAFETY = 0.85  # auto checkpointing plans for this share of the memory: the plan's CUDA terms are estimates
 
 def blocks_flag(value: str) -> str:
@@ -288,10 +289,11 @@ def optimizer_step(model, opt, encoded, batches, lr: float, cfg: Config, step: i
 
 # ---------------------------------------------------------------- evaluation and saving
 
-def evaluate(model, tok, dev, cfg: Config, names: list[str], world: int, rank: int):
-    """Dev metrics (the union's when several datasets) and the label offsets fitted on these predictions."""
+def evaluate(model, tok, dev, cfg: Config, names: list[str], world: int, rank: int, batch: int = EVAL_BATCH):
+    """Dev metrics (the union's when several datasets) and the label offsets fitted on these predictions;
+    `batch` prompts are scored at once (eval_batch)."""
     model.eval()
-    rows = predict(model, tok, dev[rank::world], cfg.max_len, progress=rank == 0)
+    rows = predict(model, tok, dev[rank::world], cfg.max_len, batch, progress=rank == 0)
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, rows)
@@ -386,6 +388,36 @@ def memory_plan(args: llama.ModelArgs, cfg: Config, blocks: int) -> list[tuple[s
 def plan_bytes(args: llama.ModelArgs, cfg: Config, blocks: int) -> int:
     return sum(size for _, size in memory_plan(args, cfg, blocks))
 
+def eval_plan(args: llama.ModelArgs, cfg: Config, batch: int) -> list[tuple[str, int]]:
+    """Peak memory in bytes, by term, of a dev evaluation in the middle of a run: the weights and the adapter's
+    training state stay, the activations of training are gone. Scoring (eval.predict) runs `batch` prompts of up
+    to max_len tokens with no autograd: their KV cache in every layer, one layer's activations at a time, then
+    each label's later tokens side by side (llama.score_continuations), ~4 tokens for each of C labels."""
+    a = 2 if cfg.dtype == "bfloat16" else 4
+    C, F_, V = args.dim, args.hidden_dim, args.vocab_size
+    KV = args.n_kv_heads * args.head_dim
+    n_labels = max(len(data.LABELS[name]) for name in data.DATASETS)
+    tokens = batch * (cfg.max_len + 4 * n_labels)
+    kept = ("base weights", "LoRA", "CUDA")  # what a dev evaluation shares with training
+    weights = [term for term in memory_plan(args, cfg, 0) if term[0].startswith(kept)]
+    return weights + [
+        (f"KV cache ({batch} prompts x {cfg.max_len} tokens, {args.n_layers} layers)",
+         2 * args.n_layers * tokens * KV * a),
+        ("activations of one block (no autograd)", tokens * a * (4 * C + 2 * KV + 3 * F_)),
+        ("logits and log-probabilities of the labels' tokens, float32", 2 * batch * 4 * n_labels * V * 4)]
+
+def eval_batch(args: llama.ModelArgs, cfg: Config, log=print) -> int:
+    """The dev evaluation's batch: EVAL_BATCH, or fewer prompts when eval_plan does not fit SAFETY x the memory
+    (said so), so that a run the plan admits never fails at its first evaluation."""
+    budget = device_memory(cfg)
+    if budget is None:
+        return EVAL_BATCH
+    fits = [b for b in range(1, EVAL_BATCH + 1) if sum(s for _, s in eval_plan(args, cfg, b)) <= SAFETY * budget]
+    batch = max(fits, default=1)
+    if batch < EVAL_BATCH:
+        log(f"dev evaluation in batches of {batch} prompts (not {EVAL_BATCH}) to fit {budget / 2 ** 30:.1f} GiB")
+    return batch
+
 def device_memory(cfg: Config) -> int | None:
     """Bytes a run may use: --gpu-mem, else the GPU's free memory or the free RAM; None when unknown."""
     if cfg.gpu_mem:
@@ -436,6 +468,12 @@ def print_plan(cfg: Config) -> None:
         fits = [b for b in range(1, 257) if plan_bytes(args, Config(**dict(asdict(cfg), batch_size=b)), 0)
                 <= SAFETY * budget]
         print(f"  without checkpointing, micro-batches of up to {max(fits, default=0)} x {cfg.max_len} tokens fit")
+    batch = eval_batch(args, cfg, log=lambda *_: None)
+    print(f"evaluation plan: dev scoring in batches of {batch} prompts (the weights and LoRA state as above)")
+    for name, size in eval_plan(args, cfg, batch)[2:]:
+        print(f"  {size / 2 ** 30:8.3f} GiB  {name}")
+    peak = sum(size for _, size in eval_plan(args, cfg, batch))
+    print(f"  {peak / 2 ** 30:8.3f} GiB  evaluation peak, beside training's {total / 2 ** 30:.3f} GiB")
 
 def main(argv=None):
     cfg, a = parse_config(argv)
@@ -454,6 +492,7 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *args, **kwargs: None)
     model, tok, opt = load_model(cfg, log)
     names, dev, encoded, per_epoch, total = load_data(cfg, tok, log)
+    dev_batch = eval_batch(model.args, cfg, log)
     step, best = resume(state, model, opt, out, rank == 0) if state else (0, -1.0)
     meta = dict(config=asdict(cfg), model_args=asdict(model.args), labels={n: data.LABELS[n] for n in names})
     metrics_log = open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a")  # one row per step, for plots
@@ -475,7 +514,7 @@ def main(argv=None):
         bar.update()
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         if step == total or step % (cfg.eval_every or per_epoch) == 0:  # every N steps, else at epoch ends
-            res, bias = evaluate(model, tok, dev, cfg, names, world, rank)
+            res, bias = evaluate(model, tok, dev, cfg, names, world, rank, dev_batch)
             row.update({f"dev_{key}": res[key] for key in ("weighted_f1", "accuracy", "uncalibrated_weighted_f1")})
             if res["weighted_f1"] > best and rank == 0:
                 save(out / "ckpt.pt", dict(meta, step=step, best=res["weighted_f1"]), model, dev=res, label_bias=bias)

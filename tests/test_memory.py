@@ -126,3 +126,26 @@ def test_dry_run_reads_config_only(tmp_path, capsys):
     assert "checkpointed" in out and "without checkpointing, micro-batches of up to" in out
     train.main(["--dry-run", "--model", str(tmp_path), "--device", "cuda", "--gpu-mem", "12"])
     assert "does NOT fit in 12.0 GiB" in capsys.readouterr().out
+
+
+def test_dev_evaluation_shrinks_its_batch_to_fit_and_dry_run_shows_its_peak(tmp_path, capsys):
+    """LLaMA-2-7B with 4096-token prompts on a 24 GB card: eight prompts' KV cache (2 GiB each) would not fit beside
+    the weights, so the dev evaluation scores fewer at once, says so, and the plan of that batch fits."""
+    argv = ["--device", "cuda", "--gpu-mem", "24", "--max-len", "4096", "--grad-ckpt", "all"]
+    cfg, _ = train.parse_config(argv)
+    said = []
+    batch = train.eval_batch(LLAMA2_7B, cfg, log=said.append)
+    peak = lambda b: sum(size for _, size in train.eval_plan(LLAMA2_7B, cfg, b))  # noqa: E731
+    budget = train.SAFETY * 24 * 2 ** 30
+    assert 1 <= batch < train.EVAL_BATCH and peak(batch) <= budget < peak(batch + 1)
+    assert said == [f"dev evaluation in batches of {batch} prompts (not 8) to fit 24.0 GiB"]
+    kv = dict(train.eval_plan(LLAMA2_7B, cfg, 1))
+    assert [v for k, v in kv.items() if k.startswith("KV cache")][0] >= 2 * 32 * 4096 * 4096 * 2  # k and v, bf16
+    cfg_short, _ = train.parse_config(["--device", "cuda", "--gpu-mem", "24"])
+    assert train.eval_batch(LLAMA2_7B, cfg_short, log=said.append) == train.EVAL_BATCH  # 256 tokens: room for 8
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32, vocab_size=32000)))
+    train.main(["--dry-run", "--model", str(tmp_path), *argv])
+    out = capsys.readouterr().out
+    assert f"dev scoring in batches of {batch} prompts" in out
+    assert f"{peak(batch) / 2 ** 30:8.3f} GiB  evaluation peak" in out
