@@ -232,16 +232,21 @@ def label_token_ids(tok, labels: list[str]) -> dict[str, list[int]]:
 
 def encode_example(tok, example: dict, max_len: int) -> tuple[list[int], int]:
     """(BOS + prompt + label + EOS token ids, n_answer: the last ids, where the loss goes), len <= max_len: context
-    utterances go oldest first until it fits; UserError if it does not fit even without context."""
-    answer = label_token_ids(tok, [example["label"]])[example["label"]] + [tok.eos_id]
+    utterances go oldest first until the prompt fits beside the longest label of the set (not the gold one, so
+    the prompt, in training as in evaluation, never depends on the answer); UserError if it does not fit even
+    without context."""
+    ids = label_token_ids(tok, example["labels"])
+    answer = ids[example["label"]] + [tok.eos_id]
+    room = 1 + max(len(label_ids) for label_ids in ids.values())  # the longest answer, EOS included
     context = example["context"]
     for dropped in range(len(context) + 1):  # the `dropped` oldest context utterances go
         prompt = make_prompt(context[dropped:], example["target"], example["labels"], example["description"])
-        ids = tok.encode(prompt, bos=True)
-        if len(ids) + len(answer) <= max_len:
-            return ids + answer, len(answer)
+        prompt_ids = tok.encode(prompt, bos=True)
+        if len(prompt_ids) + room <= max_len:
+            return prompt_ids + answer, len(answer)
     where = f"{example['dataset']} dialogue {example['dialogue_id']} utterance {example['utterance_id']}"
-    raise cli.UserError(f"{where}: {len(ids)} prompt + {len(answer)} answer tokens without context > max_len {max_len}")
+    raise cli.UserError(f"{where}: {len(prompt_ids)} prompt + {room} answer tokens (the longest label) without "
+                        f"context > max_len {max_len}")
 
 def check_conversation(c, where: str, default_id) -> dict:
     """A conversation to label, checked: {"id": any (default: default_id), "utterances": a non-empty list of

@@ -70,12 +70,10 @@ def fit_label_bias(scores: np.ndarray, y_true: list[str], labels: list[str], pas
 # ---------------------------------------------------------------- prediction
 
 def prompt_ids(tok, example: dict, max_len: int) -> list[int]:
-    """BOS + prompt ids of an example, truncated as in training but with room kept for the longest label of its
-    set, never for its gold label: how much context is cut must not depend on the answer."""
-    ids = data.label_token_ids(tok, example["labels"])
-    longest = max(example["labels"], key=lambda label: len(ids[label]))
-    full, n_answer = data.encode_example(tok, dict(example, label=longest), max_len)
-    return full[:-n_answer]
+    """BOS + prompt ids of an example, truncated exactly as in training: with room for the longest label of its
+    set, so how much context is cut never depends on the gold label (data.encode_example)."""
+    ids, n_answer = data.encode_example(tok, example, max_len)
+    return ids[:-n_answer]
 
 def candidate_ids(tok, labels: tuple[str, ...]) -> list[list[int]]:
     """Each label's ids as they follow the prompt; EOS is appended only when one label's ids are a prefix of

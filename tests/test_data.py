@@ -211,20 +211,26 @@ def test_label_token_ids_in_context(tok, data_dir):
 
 
 def test_encode_example_truncates_oldest_context(tok):
+    """Context goes oldest first until the prompt fits beside the longest label of the set, whatever the gold
+    label: the gold label ("joy", the shortest) never buys a prompt more context."""
     dialogue = [{"dataset": "meld", "split": "test", "dialogue_id": 1, "utterance_id": i, "speaker": s,
                  "text": t, "label": "joy"} for i, (s, t) in enumerate(
         [("Ross", "first " * 20), ("Rachel", "second " * 20), ("Joey", "How you doin'?")])]
     example = data.build_examples([dialogue], window=2)[-1]
     full, n = data.encode_example(tok, example, 1000)
+    room = 1 + max(len(ids) for ids in data.label_token_ids(tok, example["labels"]).values())
+    assert room > n  # the longest label is longer than the gold one, else this test could not tell them apart
     no_first = tok.encode(data.make_prompt(dialogue[1:2], dialogue[2], example["labels"]), bos=True)
-    assert len(no_first) + n < len(full)
-    ids, n_answer = data.encode_example(tok, example, len(no_first) + n)  # room for all but the oldest utterance
-    assert ids[:-n_answer] == no_first and ids[-n_answer:] == full[-n:] and len(ids) <= len(no_first) + n
+    assert len(no_first) + room < len(full)
+    ids, n_answer = data.encode_example(tok, example, len(no_first) + room)  # room for all but the oldest utterance
+    assert ids[:-n_answer] == no_first and ids[-n_answer:] == full[-n:] and n_answer == n
+    ids, _ = data.encode_example(tok, example, len(no_first) + room - 1)  # the gold label would fit; the longest not
+    assert "Rachel" not in tok.decode(ids)
     bare = tok.encode(data.make_prompt([], dialogue[2], example["labels"]), bos=True)
-    ids, _ = data.encode_example(tok, example, len(bare) + n)
+    ids, _ = data.encode_example(tok, example, len(bare) + room)
     assert ids == bare + full[-n:] and "Rachel" not in tok.decode(ids)
-    with pytest.raises(ValueError, match=r"meld dialogue 1 utterance 2: \d+ prompt \+ 3 answer tokens"):
-        data.encode_example(tok, example, len(bare) + n - 1)
+    with pytest.raises(ValueError, match=rf"meld dialogue 1 utterance 2: \d+ prompt \+ {room} answer tokens"):
+        data.encode_example(tok, example, len(bare) + room - 1)
 
 
 def test_descriptions(data_dir, tmp_path):

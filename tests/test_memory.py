@@ -1,4 +1,4 @@
-"""train.memory_plan: the per-block activation count against autograd's saved tensors, the whole plan against the
+"""memory.memory_plan: the per-block activation count against autograd's saved tensors, the whole plan against the
 peak resident memory of real CPU training steps, and LLaMA-2-7B at the paper's recipe under 24 GiB."""
 import json
 import os
@@ -11,6 +11,7 @@ import torch
 import data
 import llama
 import lora
+import memory
 import train
 from helpers import make_checkpoint, make_meld, tiny_model
 
@@ -21,8 +22,8 @@ LLAMA2_7B = llama.ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, he
 
 def plan(args, argv):
     cfg, _ = train.parse_config(argv)
-    blocks = train.checkpointed_blocks(cfg, args, log=lambda *_: None)
-    return dict((name.split(" ")[0], b) for name, b in train.memory_plan(args, cfg, blocks))
+    blocks = memory.checkpointed_blocks(cfg, args, log=lambda *_: None)
+    return dict((name.split(" ")[0], b) for name, b in memory.memory_plan(args, cfg, blocks))
 
 
 def saved_bytes(model, x):
@@ -75,8 +76,10 @@ def test_plan_matches_peak_memory_of_real_steps(tmp_path, shared_models):
     # ~210 MB of float32 weights; every prompt has the same length, so each micro-batch is batch x max_len.
     make_checkpoint(tmp_path / "model", shared_models, vocab_size=8192, hidden_size=768, intermediate_size=2048,
                     num_hidden_layers=6, num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048)
-    make_meld(tmp_path / "data", 2, 4, text="we were on a break", label="neutral")
     tok = llama.load_tokenizer(tmp_path / "model")
+    answers = data.label_token_ids(tok, data.LABELS["meld"])
+    longest = max(answers, key=lambda label: len(answers[label]))  # prompts keep room for it: make it the gold one
+    make_meld(tmp_path / "data", 2, 4, text="we were on a break", label=longest)
     lengths = {len(data.encode_example(tok, e, 4096)[0])
                for e in data.build_examples(data.load_split("meld", "train", tmp_path / "data"), 0)}
     assert len(lengths) == 1
@@ -110,11 +113,11 @@ def test_auto_checkpoints_the_fewest_blocks_that_fit(gib):
     """LLaMA-2-7B, the CUDA recipe at 4 x 256: no checkpointing fits 40 GB, some blocks 20 GB, all of them 16 GB."""
     cfg, _ = train.parse_config(["--device", "cuda", "--gpu-mem", str(gib)])
     assert cfg.grad_ckpt == "auto"
-    k = train.checkpointed_blocks(cfg, LLAMA2_7B, log=lambda *_: None)
-    budget = train.SAFETY * gib * 2 ** 30
+    k = memory.checkpointed_blocks(cfg, LLAMA2_7B, log=lambda *_: None)
+    budget = memory.SAFETY * gib * 2 ** 30
     assert (k == 0) == (gib == 40) and (k == 32) == (gib == 16)
-    assert k == 32 or train.plan_bytes(LLAMA2_7B, cfg, k) <= budget
-    assert k == 0 or train.plan_bytes(LLAMA2_7B, cfg, k - 1) > budget
+    assert k == 32 or memory.plan_bytes(LLAMA2_7B, cfg, k) <= budget
+    assert k == 0 or memory.plan_bytes(LLAMA2_7B, cfg, k - 1) > budget
 
 
 def test_dry_run_reads_config_only(tmp_path, capsys):
@@ -134,15 +137,15 @@ def test_dev_evaluation_shrinks_its_batch_to_fit_and_dry_run_shows_its_peak(tmp_
     argv = ["--device", "cuda", "--gpu-mem", "24", "--max-len", "4096", "--grad-ckpt", "all"]
     cfg, _ = train.parse_config(argv)
     said = []
-    batch = train.eval_batch(LLAMA2_7B, cfg, log=said.append)
-    peak = lambda b: sum(size for _, size in train.eval_plan(LLAMA2_7B, cfg, b))  # noqa: E731
-    budget = train.SAFETY * 24 * 2 ** 30
-    assert 1 <= batch < train.EVAL_BATCH and peak(batch) <= budget < peak(batch + 1)
+    batch = memory.eval_batch(LLAMA2_7B, cfg, log=said.append)
+    peak = lambda b: sum(size for _, size in memory.eval_plan(LLAMA2_7B, cfg, b))  # noqa: E731
+    budget = memory.SAFETY * 24 * 2 ** 30
+    assert 1 <= batch < memory.EVAL_BATCH and peak(batch) <= budget < peak(batch + 1)
     assert said == [f"dev evaluation in batches of {batch} prompts (not 8) to fit 24.0 GiB"]
-    kv = dict(train.eval_plan(LLAMA2_7B, cfg, 1))
+    kv = dict(memory.eval_plan(LLAMA2_7B, cfg, 1))
     assert [v for k, v in kv.items() if k.startswith("KV cache")][0] >= 2 * 32 * 4096 * 4096 * 2  # k and v, bf16
     cfg_short, _ = train.parse_config(["--device", "cuda", "--gpu-mem", "24"])
-    assert train.eval_batch(LLAMA2_7B, cfg_short, log=said.append) == train.EVAL_BATCH  # 256 tokens: room for 8
+    assert memory.eval_batch(LLAMA2_7B, cfg_short, log=said.append) == memory.EVAL_BATCH  # 256 tokens: room for 8
     (tmp_path / "config.json").write_text(json.dumps(dict(
         hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32, vocab_size=32000)))
     train.main(["--dry-run", "--model", str(tmp_path), *argv])
