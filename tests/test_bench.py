@@ -1,11 +1,52 @@
-"""bench.py smoke test: the tiny-config path of every command runs both sides and writes its JSON (no timing checks)."""
+"""bench.py smoke tests: the tiny-config path of every command runs both sides and writes its JSON (no timing
+checks); the attention paths that bench.py gpu relies on (llama.attend) agree."""
+import functools
 import json
 
 import pytest
+import torch
 
 import bench
 import cli
 import convert
+import llama
+from helpers import maxdiff, tiny_model
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_grouped_heads_repeated_or_not_give_the_same_attention(masked):
+    """llama.attend repeats the kv heads on CUDA under a mask (keeping a fast kernel) and passes them grouped
+    elsewhere: both ways give the same output and gradients, float32 within 1e-6."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 5, 16, generator=g, requires_grad=True)  # (B, H, T, D)
+    k = torch.randn(3, 2, 7, 16, generator=g, requires_grad=True)  # (B, K, S, D): 2 query heads per kv head
+    v = torch.randn(3, 2, 7, 16, generator=g, requires_grad=True)
+    mask = torch.ones(3, 1, 5, 7, dtype=torch.bool).tril(2) if masked else None  # (B, 1, T, S)
+    if masked:
+        mask[1, :, :, :2] = False  # row 1's first 2 keys are padding (each query still sees one)
+    outputs = []
+    for repeat in (False, True):
+        y = llama.attend(q, k, v, mask, repeat_kv=repeat)
+        outputs.append((y, *torch.autograd.grad((y * y).sum(), (q, k, v))))
+    for grouped, repeated in zip(*outputs):
+        assert maxdiff(grouped, repeated) < 1e-6
+
+
+def test_model_with_repeated_kv_heads_equals_grouped(monkeypatch):
+    """The whole model, padded rows after a shared cached prefix (the masked path of training and scoring), gives
+    the same logits with either attention path forced."""
+    model = tiny_model()
+    tokens = torch.randint(3, 500, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    attend, logits = llama.attend, []
+    for repeat in (False, True):
+        monkeypatch.setattr(llama, "attend", functools.partial(attend, repeat_kv=repeat))
+        cache = llama.KVCache(model.args.n_layers)
+        with torch.no_grad():
+            model(tokens[:1, :3], cache=cache)  # (1, 3) prefix, its keys and values broadcast to both rows
+            cache.grow = False
+            logits.append(model(tokens[:, 3:], mask=mask[:, 3:], cache=cache))
+    assert maxdiff(*logits) < 1e-6
 
 
 def test_bench_all_tiny_writes_json(tmp_path, monkeypatch):
