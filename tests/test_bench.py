@@ -79,12 +79,40 @@ def test_bench_gpu_runs_on_cpu_from_its_carried_folder(tmp_path, monkeypatch, da
     bench.main(["gpu", "--tiny", "--device", "cpu", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "bench-gpu.json").read_text())
     rows = report["results"]
-    assert len(rows) == 8 and all(r["fits_40GB"] for r in rows.values())
+    assert len(rows) == 9 and all(r["fits_40GB"] for k, r in rows.items() if k != "correctness 256 auto"), rows
     for length in (256, 512):
         for ckpt in ("auto", "all"):
             ours, ref = rows[f"ours {length} {ckpt}"], rows[f"transformers_peft {length} {ckpt}"]
-            # The same random weights give the same loss: float32 agrees to ~1e-6, while a wrong rotary table (as
-            # to_empty() once left transformers') is off by 4e-5 to 5e-4.
-            assert ours["first_loss"] == pytest.approx(ref["first_loss"], abs=1e-5)
+            # The same random weights and the same nonzero adapter give the same loss: float32 agrees to ~1e-6,
+            # while a wrong rotary table (as to_empty() once left transformers') is off by 4e-5 to 5e-4.
+            assert ours["lora_loss"] == pytest.approx(ref["lora_loss"], abs=1e-5)
+            assert ours["base_loss"] == pytest.approx(ref["base_loss"], abs=1e-5)
+            # ...and the adapter moves the loss by far more than that, so the comparison covers LoRA itself.
+            assert abs(ours["lora_loss"] - ours["base_loss"]) > 1e-3
         ours = rows[f"ours {length} all"]
         assert ours["blocks"] == 4 and ours["window"] > 0
+    check = rows["correctness 256 auto"]
+    assert check["difference"] == check["ours_loss"] - check["transformers_peft_loss"]
+    assert check["ours_loss"] == rows["ours 256 auto"]["lora_loss"] and check["dtype"] == "float32"
+
+
+def test_bench_gpu_keeps_rows_and_records_a_failed_worker(tmp_path, monkeypatch):
+    """A worker that dies leaves its error in its row, and every finished row is on disk before the next starts."""
+    written = []
+    real_write = bench.write_report
+
+    def spawn(worker, a):
+        written.append(json.loads((tmp_path / "bench-gpu.json").read_text()) if written else None)
+        if a["side"] == "transformers_peft":
+            raise RuntimeError("bench worker gpu_train failed (exit 1):\nModuleNotFoundError: No module named 'peft'")
+        return dict(fits_40GB=True, lora_loss=1.0, base_loss=2.0)
+    monkeypatch.setattr(bench, "spawn", spawn)
+    monkeypatch.setattr(bench, "widened_batch", lambda tok, dialogues, length: ([([1] * length, 1)] * 4, 2))
+    monkeypatch.setattr(bench.llama, "load_tokenizer", lambda path: None)
+    monkeypatch.setattr(bench.data, "load_split", lambda *args: [])
+    monkeypatch.setattr(bench, "write_report", real_write)
+    bench.main(["gpu", "--tiny", "--device", "cpu", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "bench-gpu.json").read_text())["results"]
+    assert "No module named 'peft'" in rows["transformers_peft 512 all"]["error"]
+    assert rows["ours 512 all"]["lora_loss"] == 1.0 and "error" in rows["correctness 256 auto"]
+    assert [len(w["results"]) for w in written[1:]] == list(range(1, 8))  # each spawn found the rows before it
