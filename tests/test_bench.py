@@ -10,7 +10,28 @@ import bench
 import cli
 import convert
 import llama
-from helpers import maxdiff, tiny_model
+from conftest import REQUIRE
+
+
+def maxdiff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def needs_reference(row: dict) -> None:
+    """Skip when a row lacks transformers + peft (test-only dependencies); under DIALOGUELLM_REQUIRE_DATA=1, fail."""
+    if bench.MISSING_REF in row.get("error", ""):
+        (pytest.fail if REQUIRE else pytest.skip)(row["error"])
+
+
+def tiny_model() -> llama.Transformer:
+    """A random float32 model with grouped heads (4 query heads, 2 kv heads), in eval mode; no file, no library."""
+    torch.manual_seed(0)
+    args = llama.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96, vocab_size=512)
+    model = llama.Transformer(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.15)
+    return model.eval()
 
 
 @pytest.mark.parametrize("masked", [True, False])
@@ -53,7 +74,7 @@ def test_bench_all_tiny_writes_json(tmp_path, monkeypatch):
     try:
         convert.model_dir("default")  # the tiny model borrows the default tokenizer
     except cli.MissingError as e:
-        pytest.skip(str(e))
+        (pytest.fail if REQUIRE else pytest.skip)(str(e))
     monkeypatch.setenv("DIALOGUELLM_DATA", str(tmp_path / "no-data"))  # exercises the synthetic-prompt fallback
     bench.main(["all", "--tiny", "--steps", "1", "--warmup", "1", "--n-eval", "2", "--out", str(tmp_path)])
     reports = {cmd: json.loads((tmp_path / f"bench-{cmd}.json").read_text()) for cmd in ("train", "eval", "load")}
@@ -62,12 +83,44 @@ def test_bench_all_tiny_writes_json(tmp_path, monkeypatch):
     train = reports["train"]
     assert train["settings"]["source"].startswith("SYNTHETIC")
     assert train["results"]["ours"]["tokens_per_s"] > 0 and train["results"]["ours"]["peak_rss_mb"] > 0
+    needs_reference(train["results"]["transformers_peft"])
     # Same model, batch and a fresh adapter (B = 0): both stacks must start from the same loss.
-    ref = train["results"]["transformers_peft"]
-    if "error" not in ref:
-        assert abs(train["results"]["ours"]["first_loss"] - ref["first_loss"]) < 1e-3
+    assert abs(train["results"]["ours"]["first_loss"] - train["results"]["transformers_peft"]["first_loss"]) < 1e-3
+    check_roofline(train)
     assert reports["eval"]["results"]["naive"]["agreement_with_score"] == 1.0
     assert reports["load"]["results"]["ours"]["peak_rss_mb"] > 0
+
+
+def check_roofline(report: dict) -> None:
+    """Recompute bench train's roofline from the JSON's own numbers: the model FLOPs from the tiny shape (issue 24:
+    4 x the linear weights x the rows ours computes, + 4 x the head at the answer rows), the roofline from the
+    matmul rates, each side's fraction from its step time, and the goals from the results."""
+    roof, res, goals = report["roofline"], report["results"], report["goals"]
+    tiny, vocab = bench.TINY, roof["matmuls"][-1]["N"]
+    dim, hidden, kv = tiny["hidden_size"], tiny["intermediate_size"], tiny["num_key_value_heads"] * tiny["head_dim"]
+    q = tiny["num_attention_heads"] * tiny["head_dim"]
+    per_row = tiny["num_hidden_layers"] * (2 * dim * q + 2 * dim * kv + 3 * dim * hidden)
+    rows = roof["rows"]
+    assert rows["shared_prefix"] > 0 and rows["answer"] > 0
+    flops = 4 * per_row * (rows["shared_prefix"] + rows["after_prefix"]) + 4 * dim * vocab * rows["answer"]
+    assert roof["model_flops_per_step"] == flops == sum(mm["flops"] for mm in roof["matmuls"])
+    for dtype in ("float32", "bfloat16"):
+        seconds = sum(mm["flops"] / (mm["gflops_per_s"][dtype] * 1e9) for mm in roof["matmuls"])
+        assert roof[dtype]["gflops_per_s"] == pytest.approx(flops / seconds / 1e9, rel=1e-9)
+    for side, r in res.items():
+        achieved = flops / r["sec_per_step"] / 1e9
+        assert r["achieved_gflops_per_s"] == pytest.approx(achieved, rel=1e-9), side
+        assert r["roofline_fraction"] == pytest.approx(achieved / roof[r["dtype"]]["gflops_per_s"], rel=1e-9), side
+    ours, ref = res["ours"], res["transformers_peft"]
+    assert ours["dtype"] == ref["dtype"] == "float32" and ours["tokens_computed"] < ref["tokens_computed"]
+    assert goals["roofline_fraction"] == ours["roofline_fraction"]
+    assert goals["speedup"] == ours["tokens_per_s"] / ref["tokens_per_s"]
+    assert goals["peak_rss_ratio"] == ours["peak_rss_mb"] / ref["peak_rss_mb"]
+    bf16_host = any(f in report["machine"]["cpu_flags"] for f in bench.BF16_UNITS)
+    assert ("bf16_vs_float32" in goals) == bf16_host == ("ours_bfloat16" in res)
+    if bf16_host:
+        assert res["ours_bfloat16"]["dtype"] == "bfloat16"
+        assert goals["bf16_vs_float32"] == res["ours_bfloat16"]["tokens_per_s"] / ours["tokens_per_s"]
 
 
 def test_bench_gpu_runs_on_cpu_from_its_carried_folder(tmp_path, monkeypatch, data_dir, shared_models):
@@ -79,6 +132,7 @@ def test_bench_gpu_runs_on_cpu_from_its_carried_folder(tmp_path, monkeypatch, da
     bench.main(["gpu", "--tiny", "--device", "cpu", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "bench-gpu.json").read_text())
     rows = report["results"]
+    needs_reference(rows["transformers_peft 256 auto"])
     assert len(rows) == 9 and all(r["fits_40GB"] for k, r in rows.items() if k != "correctness 256 auto"), rows
     for length in (256, 512):
         for ckpt in ("auto", "all"):
