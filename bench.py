@@ -74,11 +74,11 @@ def cpu_flags() -> list[str]:
 
 
 def machine(device: str) -> dict:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), cpu=cpu,
-                cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__, device=device,
-                gpu=torch.cuda.get_device_name() if device.startswith("cuda") else None, python=platform.python_version(),
-                cpu_flags=cpu_flags())
+    names = (l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                cpu=next(names, platform.processor()), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                torch=torch.__version__, device=device, python=platform.python_version(), cpu_flags=cpu_flags(),
+                gpu=torch.cuda.get_device_name() if device.startswith("cuda") else None)
 
 
 def write_checkpoint(folder: Path, shape: dict, dtype=torch.float32, seed: int = 0) -> Path:
