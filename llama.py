@@ -98,8 +98,23 @@ class KVCache:
         c.mask = self.mask.expand(n, -1)
         return c
 
+def attend(q, k, v, attn_mask, repeat_kv: bool | None = None):
+    """SDPA of q (B, H, T, D) over k, v (B, K, S, D), K dividing H: (B, H, T, D). Grouped heads either go to
+    SDPA as they are (enable_gqa) or are repeated to H first (repeat_kv). CUDA runs enable_gqa with an attn_mask
+    only in its math kernel, which builds the (B, H, T, S) scores, so there a mask means repeating (None: that
+    choice). Both give the same output (tests/test_bench.py). On the CPU enable_gqa stays: it copies nothing, and
+    timings on a shared AMX host could not tell the two apart."""
+    groups = q.shape[1] // k.shape[1]
+    if repeat_kv is None:
+        repeat_kv = q.is_cuda and attn_mask is not None
+    if repeat_kv and groups > 1:
+        k = k.repeat_interleave(groups, dim=1)  # (B, H, S, D): kv head j serves query heads j*groups..
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
 class Attention(nn.Module):
-    """Grouped-query attention (Ainslie et al. 2023): H query heads share K kv heads via SDPA's enable_gqa."""
+    """Grouped-query attention (Ainslie et al. 2023): H query heads share K kv heads (attend)."""
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
@@ -118,8 +133,7 @@ class Attention(nn.Module):
         if past_k is not None:  # a one-row past (a shared prefix) is broadcast to every row, not copied
             k = torch.cat([past_k.expand(B, -1, -1, -1), k], dim=2)  # (B, K, S, D)
             v = torch.cat([past_v.expand(B, -1, -1, -1), v], dim=2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, D)
+        y = attend(q, k, v, attn_mask)  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1)), k, v
 
 class FeedForward(nn.Module):
