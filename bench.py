@@ -12,7 +12,7 @@ Each side runs in its own subprocess (bench.py re-invokes itself with --worker),
 (VmHWM, which includes the 0.2-0.4 GB of the libraries themselves) belongs to one side only. On CUDA the numbers
 are bf16 with torch.cuda.max_memory_allocated and model FLOPs utilisation. `gpu` trains LLaMA-2-7B shapes (random
 bf16 weights, the CUDA recipe's LoRA) on real MELD prompts of about 256 and 512 tokens, batch 4, under a 40 GB cap,
-with --grad-ckpt auto and all, sets max_memory_allocated of the timed steps beside train.memory_plan, runs attention
+with --grad-ckpt auto and all, sets max_memory_allocated of the timed steps beside memory.memory_plan, runs attention
 without SDPA's math backend, and compares both stacks' loss with the same nonzero adapter. transformers and peft are
 test-only dependencies: they are imported only inside the reference workers.
 """
@@ -35,6 +35,7 @@ import convert
 import data
 import llama
 import lora
+import memory
 import train
 from eval import predict, prompt_ids
 
@@ -417,7 +418,7 @@ def recipe(a: dict, *flags: str) -> tuple[train.Config, int]:
     """train.py's Config for a["device"] (its recipe), and how many blocks its --grad-ckpt checkpoints."""
     cfg, _ = train.parse_config(["--device", a["device"], *flags])
     args = llama.ModelArgs.from_hf(dict(LLAMA2_7B, **a["shape"])) if "shape" in a else llama.read_args(a["model"])
-    return cfg, train.checkpointed_blocks(cfg, args, log=lambda *_: None)
+    return cfg, memory.checkpointed_blocks(cfg, args, log=lambda *_: None)
 
 
 def lora_settings(cfg: train.Config, blocks: int) -> dict:
@@ -586,7 +587,7 @@ def bench_gpu(a: dict) -> dict:
             w = dict(a, batch=batch, shape=shape, **dict(lora_settings(cfg, blocks), dtype=dtype), steps=3, warmup=1)
             for side in ("ours", "transformers_peft"):
                 r = gpu_row(w, side)
-                r.update(window=window, blocks=blocks, plan_mb=train.plan_bytes(args, cfg, blocks) / 2 ** 20)
+                r.update(window=window, blocks=blocks, plan_mb=memory.plan_bytes(args, cfg, blocks) / 2 ** 20)
                 res[f"{side} {length} {mode}"] = r
                 write_report("gpu", a, dict(settings=settings, results=res, goals={}))
     res["correctness 256 auto"] = correctness(res["ours 256 auto"], res["transformers_peft 256 auto"], dtype)
