@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import cli
 import llama
 import lora
+from conftest import need_module
 from helpers import make_checkpoint, maxdiff, tiny_model
 
 ALL = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -107,7 +108,7 @@ def test_only_lora_gets_gradients(capsys):
 
 @torch.no_grad()
 def test_matches_peft(tmp_path, shared_models):
-    peft = pytest.importorskip("peft")
+    peft = need_module("peft")
     hf = make_checkpoint(tmp_path, shared_models)
     model, _ = llama.load(tmp_path)
     r, alpha = 4, 10
