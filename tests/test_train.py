@@ -278,10 +278,11 @@ def test_main_end_to_end_and_checkpoint_reload(tmp_path, shared_models, data_dir
     assert ckpt["step"] == 2 and ckpt["config"]["r"] == 16
     assert rows[-1]["dev_weighted_f1"] == ckpt["dev"]["weighted_f1"] == ckpt["best"]  # the one dev evaluation
     assert ckpt["dev"]["n"] == 8 and len(ckpt["label_bias"]["meld"]) == 7  # (the offsets: test_offsets.py)
-    for name, broken in [("shape.pt", dict(ckpt, lora={k: v[:, :3] for k, v in ckpt["lora"].items()})),
-                         ("args.pt", dict(ckpt, model_args=dict(ckpt["model_args"], n_layers=99)))]:
+    for name, broken, says in [
+            ("shape.pt", dict(ckpt, lora={k: v[:, :3] for k, v in ckpt["lora"].items()}), "adapter does not fit"),
+            ("args.pt", dict(ckpt, model_args=dict(ckpt["model_args"], n_layers=99)), "trained on a model with")]:
         torch.save(broken, out / name)  # an adapter or model description that does not fit the base model
-        with pytest.raises(ValueError, match=name):
+        with pytest.raises(ValueError, match=rf"{name}: {says}"):
             ev.load_checkpoint(out / name)
     assert torch.load(out / "ckpt_last.pt", weights_only=True)["step"] == 2
     # reference: the transformers model with B A * lora_alpha / r added to its weights, from the saved tensors
