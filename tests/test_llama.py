@@ -394,4 +394,7 @@ def test_bf16_load_memory(tmp_path, shared_models):
           f"({grown / size:.2f}x) in {time.time() - t:.1f} s")
     assert r["dtypes"] == ["torch.bfloat16"] and abs(r["bytes"] - size) < 1e6
     assert grown >= 0.7 * size  # the weights were really read in (the measure is not vacuous)
-    assert grown <= 1.3 * size, f"peak RSS grew {grown / size:.2f}x the checkpoint size"
+    # 1.5x, not tighter: the safetensors file is mapped, and how many of its pages still count in RSS when the copy
+    # is complete depends on the kernel's readahead and the allocator. A load that keeps a second (float32 or
+    # unmapped bf16) copy of the weights alive grows by 2x or more and fails here.
+    assert grown <= 1.5 * size, f"peak RSS grew {grown / size:.2f}x the checkpoint size"
