@@ -470,3 +470,11 @@ def test_csv_rows_multiline(tmp_path):
     with pytest.raises(cli.UserError, match=r"talk.csv:4: row has fewer than 2 fields"):
         path.write_text('id,text\n1,"Hi.\nHow are you?"\n2\n')
         list(cli.csv_rows(path, ["id", "text"], multiline=True))
+
+
+def test_tests_run_offline_so_missing_meld_is_an_error_not_a_download(tmp_path):
+    """conftest.isolated_environment: a data folder without meld/ raises MissingError (the download is refused by
+    the closed proxy) and writes nothing, instead of fetching MELD from the internet into the data folder."""
+    with pytest.raises(cli.MissingError, match="the download failed"):
+        data.load_split("meld", "dev", tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -235,7 +235,7 @@ class Payload:
 def test_load_checkpoint_refuses_pickled_objects(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"config": {"model": "x"}, "lora": {}, "payload": Payload()}, path)
-    with pytest.raises(ValueError, match="evil.pt"):
+    with pytest.raises(ValueError, match=r"evil\.pt: refused: it holds Python objects"):
         ev.load_checkpoint(path)
 
 

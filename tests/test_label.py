@@ -125,14 +125,23 @@ def test_stdin_to_stdout_and_another_label_set(ckpt, loaded, tmp_path):
     check_rows(rows, TALKS, independent(loaded, TALKS, "emorynlp"), data.LABELS["emorynlp"])
 
 
-def test_python_function_and_an_utterance_over_max_len(capsys, loaded):
+def test_python_function_and_an_utterance_over_max_len(capsys, loaded, monkeypatch):
+    """An utterance too long for max_len is scored on its end: the start is cut, the last words kept."""
     model, tok, ckpt = loaded
     short = dict(ckpt, config=dict(ckpt["config"], max_len=160))
-    long = [{"utterances": [{"speaker": "Ross", "text": "Hi."}, {"speaker": "Monica", "text": "blah " * 300}]}]
+    text = " ".join(f"word{i}" for i in range(300))  # every word distinct, so what was cut can be seen
+    long = [{"utterances": [{"speaker": "Ross", "text": "Hi."}, {"speaker": "Monica", "text": text}]}]
+    scored, predict = [], ev.predict
+    monkeypatch.setattr(ev, "predict", lambda model, tok, examples, *a, **k: scored.extend(examples) or predict(
+        model, tok, examples, *a, **k))
     capsys.readouterr()
     rows = ev.label_conversations(model, tok, short, long)
     assert "cut the start of 1 utterance(s)" in capsys.readouterr().err
-    assert [(r["id"], r["index"], r["text"]) for r in rows] == [(0, 0, "Hi."), (0, 1, "blah " * 300)]
+    assert [(r["id"], r["index"], r["text"]) for r in rows] == [(0, 0, "Hi."), (0, 1, text)]  # reported as given
+    kept = scored[1]["target"]["text"]
+    assert text.endswith(kept) and 20 <= len(kept) < len(text) // 2  # its start cut (by characters), not emptied
+    prompt = ev.prompt_ids(tok, scored[1], 160)  # what the model read
+    assert len(prompt) < 160 and "word299" in tok.decode(prompt) and "word0 " not in tok.decode(prompt)
     with pytest.raises(cli.UsageError, match="--label-set.*meld, emorynlp"):
         ev.label_conversations(model, tok, ckpt, TALKS, label_set="iemocap")
 

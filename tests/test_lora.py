@@ -1,4 +1,5 @@
 """lora.py against the LoRA definition (Hu et al. 2021) and against peft's implementation (test-only reference)."""
+import math
 import re
 
 import pytest
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 import cli
 import llama
 import lora
+from conftest import need_module
 from helpers import make_checkpoint, maxdiff, tiny_model
 
 ALL = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -107,7 +109,7 @@ def test_only_lora_gets_gradients(capsys):
 
 @torch.no_grad()
 def test_matches_peft(tmp_path, shared_models):
-    peft = pytest.importorskip("peft")
+    peft = need_module("peft")
     hf = make_checkpoint(tmp_path, shared_models)
     model, _ = llama.load(tmp_path)
     r, alpha = 4, 10
@@ -183,3 +185,73 @@ def test_unknown_target_raises():
         lora.apply_lora(model, ("wq", "q_proj"), verbose=False)
     assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())  # refused before any change
     assert lora.TARGETS == ALL
+
+
+HF_NAMES = {"wq": ("self_attn", "q_proj"), "wk": ("self_attn", "k_proj"), "wv": ("self_attn", "v_proj"),
+            "wo": ("self_attn", "o_proj"), "w1": ("mlp", "gate_proj"), "w3": ("mlp", "up_proj"),
+            "w2": ("mlp", "down_proj")}
+
+
+def test_one_adamw_step_matches_peft_on_all_seven_targets(tmp_path, shared_models):
+    """Training, not only inference: the same next-token loss through our model and peft's (dropout 0, all seven
+    targets, B non-zero so A gets gradients too) gives the same gradients of every A and B, and one AdamW step
+    the same adapters, within float32 noise."""
+    peft = need_module("peft")
+    hf = make_checkpoint(tmp_path, shared_models)
+    model, _ = llama.load(tmp_path)
+    r, alpha = 4, 12
+    ref = peft.get_peft_model(hf, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=[
+        name for _, name in HF_NAMES.values()]))
+    lora.apply_lora(model, ALL, r=r, lora_alpha=alpha, verbose=False)
+    randomize_b(model, std=0.05)
+    pairs = []  # (our LoRALinear, peft's lora layer)
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            for ours, (block, name) in HF_NAMES.items():
+                m = getattr(layer.attention if block == "self_attn" else layer.feed_forward, ours)
+                p = getattr(getattr(ref.base_model.model.model.layers[i], block), name)
+                p.lora_A["default"].weight.copy_(m.lora_A)
+                p.lora_B["default"].weight.copy_(m.lora_B)
+                assert p.scaling["default"] == m.scale
+                pairs.append((m, p))
+    assert len(pairs) == 7 * len(model.layers)
+    model.train()
+    ref.train()
+    x = tokens(B=2, T=24)
+    F.cross_entropy(model(x)[:, :-1].reshape(-1, 512), x[:, 1:].reshape(-1)).backward()
+    F.cross_entropy(ref(x).logits[:, :-1].reshape(-1, 512), x[:, 1:].reshape(-1)).backward()
+    for m, p in pairs:
+        for ours, theirs in ((m.lora_A, p.lora_A["default"].weight), (m.lora_B, p.lora_B["default"].weight)):
+            assert ours.grad.norm() > 0
+            assert ((ours.grad - theirs.grad).norm() / theirs.grad.norm()).item() <= 1e-5
+    ours_params = [t for m, _ in pairs for t in (m.lora_A, m.lora_B)]
+    theirs_params = [t for _, p in pairs for t in (p.lora_A["default"].weight, p.lora_B["default"].weight)]
+    assert {id(t) for t in theirs_params} == {id(t) for t in ref.parameters() if t.requires_grad}
+    assert {id(t) for t in ours_params} == {id(t) for t in model.parameters() if t.requires_grad}
+    before = [t.detach().clone() for t in ours_params]
+    for params in (ours_params, theirs_params):
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+        opt.step()
+    for ours, theirs, old in zip(ours_params, theirs_params, before):
+        assert maxdiff(ours, old) > 5e-4  # the step moved every tensor (about lr per element)
+        assert maxdiff(ours, theirs) <= 1e-6
+
+
+@pytest.mark.parametrize("in_features", [64, 96, 576])
+def test_a_starts_kaiming_uniform_as_in_peft(in_features):
+    """peft initialises A with kaiming_uniform_(a=sqrt(5)): uniform on +-1/sqrt(in_features). Ours, drawn many
+    times over: within the bound, reaching near it, with the variance of that uniform; B starts at zero."""
+    bound = 1 / math.sqrt(in_features)
+    torch.manual_seed(0)
+    a = torch.cat([lora.LoRALinear(nn.Linear(in_features, 32, bias=False), r=16, lora_alpha=16).lora_A.flatten()
+                   for _ in range(20)])  # 320 x in_features draws
+    assert a.abs().max() <= bound
+    assert a.abs().max() >= 0.99 * bound  # a narrower init (e.g. a normal with small std) fails here
+    assert a.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.03)  # uniform's std, not a normal's
+    assert abs(a.mean().item()) <= 0.02 * bound
+    peft = need_module("peft")
+    torch.manual_seed(0)
+    holder = peft.inject_adapter_in_model(peft.LoraConfig(r=16, lora_alpha=16, target_modules=["lin"]),
+                                          nn.ModuleDict({"lin": nn.Linear(in_features, 32, bias=False)}))
+    theirs = holder["lin"].lora_A["default"].weight
+    assert theirs.abs().max() <= bound and theirs.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)

@@ -93,7 +93,10 @@ def test_plan_matches_peak_memory_of_real_steps(tmp_path, shared_models):
     terms = plan(llama.ModelArgs.from_hf(json.loads((tmp_path / "model" / "config.json").read_text())), argv)
     planned = sum(terms.values())
     print(f"planned {planned / 2 ** 20:.0f} MiB {terms}, measured {measured / 2 ** 20:.0f} MiB")
-    assert abs(measured - planned) <= 0.15 * planned, (measured, planned, terms)
+    # +-25%, not tighter: RSS also holds what the plan does not count and what varies by host and allocator
+    # (torch's code pages and Python objects, 100-170 MiB; glibc arenas per thread). A plan missing one activation
+    # term of a block (>= 1/3 of the activations here) or counting a float32 mask as bool still falls outside.
+    assert abs(measured - planned) <= 0.25 * planned, (measured, planned, terms)
 
 
 def test_llama2_7b_fits_24gb_at_batch_4_by_512():

@@ -27,11 +27,34 @@ def run(argv, **kw):
                             stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"), **kw)
 
 
+# train.py with one change: after writing ckpt_last.pt of step HOLD_AT it creates MARKER and waits to be killed.
+# So the kill always lands after that checkpoint and before the run could finish: no race with the clock.
+HOLDING = """
+import sys, time
+import cli, train
+hold_at, marker = int(sys.argv[1]), sys.argv[2]
+write = cli.atomic_write
+def holding(path, content):
+    write(path, content)
+    if path.name == "ckpt_last.pt" and content["step"] == hold_at:
+        open(marker, "w").close()
+        time.sleep(600)
+cli.atomic_write = holding
+cli.run(lambda: train.main(sys.argv[3:]))
+"""
+
+
 def saved_step(path):
-    try:
-        return torch.load(path, weights_only=True)["step"]
-    except Exception:  # not written yet (the rename is atomic, so never half a file)
-        return 0
+    return torch.load(path, weights_only=True)["step"]
+
+
+def wait_for(path, proc, seconds=300):
+    """Poll for `path` while proc runs, at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, f"{path} not written in {seconds} s"
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -46,15 +69,17 @@ def test_killed_and_resumed_run_ends_bitwise_equal(setup, kill_after):
     tmp_path = setup
     ref = tmp_path / "ref"
     assert run(args(tmp_path, ref)).wait(timeout=300) == 0
-    out = tmp_path / "killed"
-    proc = run(args(tmp_path, out))
-    while saved_step(out / "ckpt_last.pt") < kill_after:
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    out, marker = tmp_path / "killed", tmp_path / "holding"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDING, str(kill_after), str(marker), *args(tmp_path, out)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        wait_for(marker, proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
     killed_at = saved_step(out / "ckpt_last.pt")
-    assert killed_at < 6
+    assert killed_at == kill_after
     p = run(["--resume", str(out / "ckpt_last.pt")])
     assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
     a, b = torch.load(ref / "ckpt_last.pt", weights_only=True), torch.load(out / "ckpt_last.pt", weights_only=True)
