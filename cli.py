@@ -39,8 +39,9 @@ class UsageError(UserError):
 class MissingError(UserError, FileNotFoundError):
     """A file or folder that is not there."""
 
-class Interrupted(UserError):
-    """A run stopped by a signal: exit status 128 + its number (Ctrl-C: 130, SIGTERM: 143), as shells report."""
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal: exit status 128 + its number (Ctrl-C: 130, SIGTERM: 143), as shells report.
+    A KeyboardInterrupt, not an Exception, so that no `except Exception` on the way swallows it."""
 
     def __init__(self, message: str, signum: int = signal.SIGINT):
         super().__init__(message)
@@ -71,9 +72,10 @@ def run(main) -> None:
     except (UserError, KeyboardInterrupt, OSError) as e:
         if os.environ.get("DIALOGUELLM_DEBUG") == "1":
             raise
-        if isinstance(e, KeyboardInterrupt):
+        if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
             e = Interrupted("interrupted (Ctrl-C)")
-        message = str(e) if isinstance(e, UserError) else os_error_text(e)
+        message = str(e) if isinstance(e, (UserError, Interrupted)) else os_error_text(e)
+        close_progress_bars()
         print(f"{prog}: error: {message}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 1))
     finally:
@@ -81,6 +83,12 @@ def run(main) -> None:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     sys.exit(status if isinstance(status, int) else 0)
+
+def close_progress_bars() -> None:
+    """Close the tqdm bars an error left open now, so that they do not print after the error's line at exit."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 def end_on_closed_pipe() -> None:
     """The reader of stdout went away (`| head -1`): stop without a word, as Unix tools do, with SIGPIPE."""
@@ -233,8 +241,11 @@ def lock_folder(folder, flag: str = "--out", leftovers=()) -> None:
     stale = os.pread(fd, 32, 0).decode(errors="replace").strip()
     if stale:
         print(f"{folder}: took over the stale lock of pid {stale} (it ended without releasing it)", file=sys.stderr)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:  # a full disk: the lock holds all the same, only its pid is not told
+        pass
     _locks[folder.resolve()] = fd
     remove_leftovers(folder, leftovers)
 
@@ -347,7 +358,7 @@ def stream_lines(parts: list[list], lines_of, what: str) -> None:
             _write(out, text, f"the output of the first {done} of {total} {what} is complete there")
             done += len(part)
             print(f"{done} of {total} {what} done", file=sys.stderr)
-    except (KeyboardInterrupt, Interrupted) as e:
+    except KeyboardInterrupt as e:  # Ctrl-C, or an Interrupted by SIGTERM
         signum = getattr(e, "exit_code", 128 + signal.SIGINT) - 128
         raise Interrupted(f"interrupted ({signal_name(signum)}) after {done} of {total} {what}; the output of "
                           f"those {done} is complete on stdout", signum) from None

@@ -70,7 +70,11 @@ def convert_into_place(gguf_path: Path, out: Path) -> None:
     """convert_gguf into a temporary folder renamed to `out`: an interrupted run never leaves half a model.
     When another process finished first, its folder stays; a folder `out` that lacks files is a UserError."""
     print(f"converting {gguf_path} -> {out} (once)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise cli.UserError(f"{cli.os_error_text(e, 'creating the model cache')}; point DIALOGUELLM_CACHE at a "
+                            "writable folder") from None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         convert_gguf(gguf_path, tmp)
