@@ -318,7 +318,8 @@ def saved_config(state: dict, a: argparse.Namespace) -> Config:
     unknown = sorted(set(state["config"]) - {f.name for f in fields(Config)})
     if unknown:
         raise cli.UserError(f"{a.resume}: its config has fields {unknown} that this train.py does not know")
-    return with_recipe(Config(**state["config"]))  # a field added since it was saved takes the recipe's value
+    saved = dict(state["config"], out=str(Path(a.resume).parent))  # where the run is now: a copy resumes in itself
+    return with_recipe(Config(**saved))  # a field added since it was saved takes the recipe's value
 
 def resume(state: dict, model, opt, out: Path, main_proc: bool) -> tuple[int, float]:
     """Load a ckpt_last.pt's adapter and optimizer state; drop the log rows of steps after it: (step, best).
@@ -440,7 +441,6 @@ def main(argv=None):
     state = cli.read_checkpoint(a.resume, RESUME_KEYS) if a.resume else None
     if state:  # a resumed run is the saved run: same config, so the same batches and schedule
         cfg = saved_config(state, a)
-        cfg.out = str(Path(a.resume).parent)  # where the run is now: a copied run resumes in the copy
     if a.dry_run:
         return print_plan(cfg)
     cli.check_device(cfg.device)
@@ -455,15 +455,13 @@ def main(argv=None):
     meta = dict(config=asdict(cfg), model_args=asdict(model.args), labels={n: data.LABELS[n] for n in names})
     metrics_log = open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a")  # one row per step, for plots
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train")
-    lengths = [len(ids) for ids, _ in encoded]
     first = step
-    t0 = time.time()
-    tokens = 0
+    t0, tokens = time.time(), 0
     stop = cli.StopRequest(lambda: cli.resume_hint(out / "ckpt_last.pt"))  # Ctrl-C, SIGTERM: after this step
     while step < total:
         epoch, k = divmod(step, per_epoch)
         if k == 0 or step == first:  # shuffled and length-grouped once per epoch
-            batches = make_batches(lengths, cfg.batch_size, cfg.seed + epoch)
+            batches = make_batches([len(ids) for ids, _ in encoded], cfg.batch_size, cfg.seed + epoch)
         lr = get_lr(step, total, cfg.lr, cfg.warmup)
         step_batches = batches[k * cfg.grad_accum:(k + 1) * cfg.grad_accum]
         loss, n_tokens = optimizer_step(model, opt, encoded, step_batches, lr, cfg, step, tok.pad_id, world, rank)
