@@ -1,18 +1,27 @@
-"""What every script shares at its edge: the user's errors, flag checks, safe file writes and checkpoint reads.
+"""What every script shares at its edge: the user's errors, flag checks, safe file writes and checkpoint reads,
+the run folder's lock, signals and streams.
 
 A script raises UserError (UsageError for a bad flag) for anything the user can fix: a bad flag, file, data row,
-checkpoint or endpoint. `run(main)` turns it into one line `<script>: error: <message>` and a non-zero exit; any
-other exception is a bug and keeps its traceback. DIALOGUELLM_DEBUG=1 shows the traceback of user errors too.
+checkpoint or endpoint. `run(main)` turns it into one line `<script>: error: <message>` and a non-zero exit; so
+it does with an OSError (disk full, read-only, permission denied), naming the path, and with Ctrl-C or SIGTERM
+(exit 130 / 143). A closed pipe (`| head`) ends quietly, as Unix tools do. Any other exception is a bug and keeps
+its traceback. DIALOGUELLM_DEBUG=1 shows the traceback of user errors too.
 """
 import argparse
+import atexit
 import csv
+import errno
+import fcntl
 import io
 import json
 import math
 import os
 import pickle
+import re
+import signal
 import sys
 import tempfile
+import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,17 +39,95 @@ class UsageError(UserError):
 class MissingError(UserError, FileNotFoundError):
     """A file or folder that is not there."""
 
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal: exit status 128 + its number (Ctrl-C: 130, SIGTERM: 143), as shells report.
+    A KeyboardInterrupt, not an Exception, so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+def signal_name(signum: int) -> str:
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+def _interrupt(signum, frame):
+    raise Interrupted(f"interrupted ({signal_name(signum)})", signum)
+
+_in_script = False  # True inside run(): only a script changes signal handlers, never an in-process caller
+
 def run(main) -> None:
-    """Call main() and exit: 0 on success, 1 or 2 with one line on stderr for a UserError."""
+    """Call main() and exit: 0 on success; for a UserError, an OSError or a signal one line on stderr and a
+    non-zero status; a closed stdout (`| head`) ends quietly with SIGPIPE's status."""
+    global _in_script
     prog = Path(sys.argv[0]).name
+    script = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if script else None
+    _in_script = script
     try:
         status = main()
-    except UserError as e:
+        if sys.stdout is not None:
+            sys.stdout.flush()  # here, so that a closed pipe is met inside the try
+    except BrokenPipeError:
+        end_on_closed_pipe()
+    except (UserError, KeyboardInterrupt, OSError) as e:
         if os.environ.get("DIALOGUELLM_DEBUG") == "1":
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
+            e = Interrupted("interrupted (Ctrl-C)")
+        message = str(e) if isinstance(e, (UserError, Interrupted)) else os_error_text(e)
+        close_progress_bars()
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 1))
+    finally:
+        _in_script = False
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     sys.exit(status if isinstance(status, int) else 0)
+
+def close_progress_bars() -> None:
+    """Close the tqdm bars an error left open now, so that they do not print after the error's line at exit."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+def end_on_closed_pipe() -> None:
+    """The reader of stdout went away (`| head -1`): stop without a word, as Unix tools do, with SIGPIPE."""
+    silence_stdout()
+    sys.exit(128 + signal.SIGPIPE)
+
+def silence_stdout() -> None:
+    """Point stdout's file descriptor at /dev/null, so the interpreter's last flush at exit cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+def os_error_text(e: OSError, what: str = "") -> str:
+    """One line for an OSError: the path, what failed, the system's reason and its code (ENOSPC, EROFS...)."""
+    code = errno.errorcode.get(e.errno, "")
+    path = f"{e.filename}: " if e.filename is not None else ""
+    reason = e.strerror or str(e)
+    return f"{path}{what + ' failed: ' if what else ''}{reason}{f' ({code})' if code else ''}"
+
+def check_streams(stdin: bool = False) -> None:
+    """UserError unless stdout (and, when read, stdin) is open: said before any model loads, not after."""
+    for name, stream, needed in (("stdout", sys.stdout, True), ("stdin", sys.stdin, stdin)):
+        if not needed:
+            continue
+        if stream is None or stream.closed or not _fd_open(stream):
+            use = "the labels go there: give it a file or a pipe" if name == "stdout" else "--input - reads it"
+            raise UserError(f"{name} is closed; {use}")
+
+def _fd_open(stream) -> bool:
+    """Whether a stream's file descriptor is open (a stream in memory, as under pytest, has none: open)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, io.UnsupportedOperation):
+        return True
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 # ---------------------------------------------------------------- flag types for argparse
 
@@ -107,6 +194,8 @@ def check_device(device: str) -> None:
 def check_writable(folder, flag: str = "--out") -> None:
     """UsageError unless `folder` exists as a writable folder or can be created (checked before any work)."""
     folder = Path(folder)
+    if folder.is_symlink() and not folder.exists():
+        raise UsageError(f"{flag} {folder}: a symlink to {os.readlink(folder)}, which does not exist")
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{flag} {folder}: exists and is not a folder")
     parent = folder
@@ -115,36 +204,203 @@ def check_writable(folder, flag: str = "--out") -> None:
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {folder}: {parent} is not a writable folder")
 
-def claim_run_folder(out, run_files, overwrite: bool) -> None:
-    """Create --out for a new run; UsageError if it holds one of run_files, unless overwrite (which deletes them)."""
+def claim_run_folder(out, run_files, overwrite: bool, resume: bool = False) -> None:
+    """Create --out and lock it for this run (lock_folder); for a new run, UsageError if it holds one of
+    run_files, unless overwrite (which deletes them)."""
     out = Path(out)
     check_writable(out)
-    found = [name for name in run_files if (out / name).exists()]
-    if found and not overwrite:
-        resume = f"continue it with --resume {out / 'ckpt_last.pt'}, or " if "ckpt_last.pt" in found else ""
-        raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); {resume}replace it with --overwrite")
-    for name in found:
-        (out / name).unlink()
     out.mkdir(parents=True, exist_ok=True)
+    lock_folder(out, "--out", run_files)
+    found = [name for name in run_files if (out / name).exists()]
+    if found and not overwrite and not resume:
+        hint = f"continue it with --resume {out / 'ckpt_last.pt'}, or " if "ckpt_last.pt" in found else ""
+        raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); {hint}replace it with --overwrite")
+    for name in found if not resume else ():
+        (out / name).unlink()
+
+# ---------------------------------------------------------------- one run, one folder: the lock
+
+LOCK = ".lock"  # in the run (or export) folder; holds the pid of the process that has it
+_locks: dict[Path, int] = {}  # folder -> open lock file: flock holds while the file stays open
+
+def lock_folder(folder, flag: str = "--out", leftovers=()) -> None:
+    """Hold an exclusive lock on `folder` until this process ends (or release_locks): UserError naming the
+    holder's pid if another process has it. A lock file still naming a pid is a run that ended without
+    releasing it (killed): taken over, and said so. Then temp files of interrupted saves of `leftovers` go."""
+    folder = Path(folder)
+    if folder.resolve() in _locks:
+        return
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UserError(f"{flag} {folder}: in use by another run (pid {holder}); wait for it to end, or choose "
+                        f"another {flag}") from None
+    stale = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    if stale:
+        print(f"{folder}: took over the stale lock of pid {stale} (it ended without releasing it)", file=sys.stderr)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:  # a full disk: the lock holds all the same, only its pid is not told
+        pass
+    _locks[folder.resolve()] = fd
+    remove_leftovers(folder, leftovers)
+
+def release_locks() -> None:
+    """Empty and close every lock file this process holds: the next run finds no stale pid."""
+    for folder, fd in list(_locks.items()):
+        os.ftruncate(fd, 0)
+        os.close(fd)
+        del _locks[folder]
+
+atexit.register(release_locks)
+
+def releasing_locks(main):
+    """Decorate a main(): the folders it locked are released when it returns or raises (in-process callers)."""
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        finally:
+            release_locks()
+    wrapper.__doc__ = main.__doc__
+    return wrapper
+
+def remove_leftovers(folder: Path, names) -> None:
+    """Remove the temp files atomic_write leaves when killed while saving one of `names` (.ckpt_last.pt.XXXXXXXX);
+    call only with the folder's lock held, so no live save loses its file."""
+    patterns = [re.compile(rf"\.{re.escape(name)}\.[A-Za-z0-9_]{{8}}") for name in names]
+    found = [p for p in folder.iterdir() if any(pattern.fullmatch(p.name) for pattern in patterns)]
+    for path in found:
+        path.unlink()
+    if found:
+        print(f"{folder}: removed {len(found)} temp file(s) left by an interrupted save", file=sys.stderr)
+
+def keep_log_rows(path: Path, step: int) -> None:
+    """Rewrite a metrics.jsonl keeping its rows up to `step`; a torn or blank line (a run killed while writing it)
+    is dropped and counted."""
+    kept = []
+    torn = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or type(row.get("step")) is not int:
+            torn += 1
+        elif row["step"] <= step:
+            kept.append(line + "\n")
+    if torn:
+        print(f"{path}: dropped {torn} torn or blank line(s)", file=sys.stderr)
+    atomic_write(path, "".join(kept))
+
+# ---------------------------------------------------------------- signals: stop after this step
+
+class StopRequest:
+    """Ctrl-C or SIGTERM during a loop: the first asks it to stop after its current step (the loop tests
+    `if stop:` and calls stop.exit_if_asked), a second Ctrl-C stops at once. `left` says what a stop at once
+    leaves. Handlers are set only inside cli.run: an in-process caller keeps its own."""
+
+    def __init__(self, left):
+        self.signum = None
+        self.left = left
+        if _in_script:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise Interrupted(f"interrupted again ({signal_name(signum)}): stopped at once; {self.left()}", signum)
+        self.signum = signum
+        print(f"\n{signal_name(signum)}: finishing this step, then saving; Ctrl-C again stops at once",
+              file=sys.stderr)
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+    def exit_if_asked(self, message: str) -> None:
+        if self.signum is not None:
+            raise Interrupted(f"interrupted ({signal_name(self.signum)}) {message}", self.signum)
+
+def resume_hint(last: Path) -> str:
+    """What a stopped training run left: its last good checkpoint and how to continue from it."""
+    if not last.exists():
+        return "no checkpoint was written yet"
+    return f"the last good checkpoint {last} is kept; continue with: python train.py --resume {last}"
+
+# ---------------------------------------------------------------- streams
+
+def chunks(items: list, size: int, weight=len) -> Iterator[list]:
+    """Consecutive runs of `items` whose weights sum to at least `size` (the last one may be smaller)."""
+    part = []
+    total = 0
+    for item in items:
+        part.append(item)
+        total += weight(item)
+        if total >= size:
+            yield part
+            part = []
+            total = 0
+    if part:
+        yield part
+
+def stream_lines(parts: list[list], lines_of, what: str) -> None:
+    """Write lines_of(part) to stdout for each part in turn, flushed as each finishes, so an interrupted run keeps
+    what it made; an interrupt says how far it got."""
+    out = sys.stdout
+    done = 0
+    total = sum(map(len, parts))
+    try:
+        for part in parts:
+            text = "".join(lines_of(part))
+            _write(out, text, f"the output of the first {done} of {total} {what} is complete there")
+            done += len(part)
+            print(f"{done} of {total} {what} done", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C, or an Interrupted by SIGTERM
+        signum = getattr(e, "exit_code", 128 + signal.SIGINT) - 128
+        raise Interrupted(f"interrupted ({signal_name(signum)}) after {done} of {total} {what}; the output of "
+                          f"those {done} is complete on stdout", signum) from None
+
+def _write(out, text: str, kept: str) -> None:
+    """Write and flush; UserError naming stdout and saying what it keeps when the system refuses (disk full). A
+    closed pipe stays a BrokenPipeError: run() ends quietly on it."""
+    try:
+        out.write(text)
+        out.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        silence_stdout()
+        raise UserError(f"stdout: {os_error_text(e, 'writing')}; {kept}") from None
 
 # ---------------------------------------------------------------- files
 
 def atomic_write(path, content) -> None:
     """Write str, bytes, or (for any other object) torch.save output to `path` through a temporary file and a
-    rename, so a crash leaves either the old file or the new one, never half of one."""
+    rename, so a crash leaves either the old file or the new one, never half of one. UserError naming the path
+    when the system refuses (disk full, read-only, permission denied), the old file kept."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    if isinstance(content, str):
+        content = content.encode("utf-8")
+    elif not isinstance(content, bytes):
+        buffer = io.BytesIO()
+        torch.save(content, buffer)  # in memory first: torch reports a failed file write as a RuntimeError
+        content = buffer.getvalue()
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            if isinstance(content, str):
-                f.write(content.encode("utf-8"))
-            elif isinstance(content, bytes):
-                f.write(content)
-            else:
-                torch.save(content, f)
+            f.write(content)
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, UserError):
+            kept = "the previous file is kept" if path.exists() else "nothing was written"
+            reason = os_error_text(OSError(e.errno, e.strerror or str(e)), "writing")  # the temp name is noise
+            raise UserError(f"{path}: {reason}; {kept}") from None
         raise
 
 def drop_torn_line(path) -> None:
@@ -174,6 +430,8 @@ def read_text(path) -> str:
     if str(path) == "-":
         blob = sys.stdin.buffer.read()
         path = shown(path)
+    elif Path(path).is_dir():
+        raise UserError(f"{path}: a folder; expected a file")
     elif Path(path).is_file():
         blob = Path(path).read_bytes()
     else:
@@ -191,9 +449,14 @@ def jsonl_records(path) -> Iterator[tuple[str, object]]:
         if not line.strip():
             continue
         try:
-            yield f"{name}:{n}", json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{name}:{n}: JSONDecodeError: {e}; expected one JSON object per line") from None
+        except ValueError as e:  # an integer of more than 4,300 digits
+            raise UserError(f"{name}:{n}: {str(e).split(';')[0]}; expected one JSON object per line") from None
+        except RecursionError:
+            raise UserError(f"{name}:{n}: values nested too deeply; expected one JSON object per line") from None
+        yield f"{name}:{n}", record
 
 def csv_rows(path, columns, ints=(), multiline: bool = False) -> Iterator[tuple[str, dict]]:
     """Yield ("file:line", row) per CSV record (its first line), the `ints` columns as int. UserError for a missing
@@ -215,8 +478,8 @@ def csv_rows(path, columns, ints=(), multiline: bool = False) -> Iterator[tuple[
         if any(row[c] is None for c in columns):
             raise UserError(f"{where}: row has fewer than {len(header)} fields")
         for c in ints:
-            if not row[c].strip().isdigit():
-                raise UserError(f"{where}: column {c} is {row[c]!r}; expected an integer")
+            if not re.fullmatch(r"[0-9]{1,18}", row[c].strip()):  # isdigit() also passes "²", which int() fails
+                raise UserError(f"{where}: column {c} is {row[c][:40]!r}; expected an integer (digits 0-9)")
             row[c] = int(row[c])
         yield where, row
     if start == first:

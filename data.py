@@ -5,7 +5,6 @@ utterances as context, an optional video description, the target utterance, the 
 import argparse
 import ast
 import collections
-import json
 import os
 import re
 from pathlib import Path
@@ -133,6 +132,8 @@ def load_split(dataset: str, split: str, data_dir=None) -> list[list[dict]]:
     cli.check_names("--data", [dataset], DATASETS)
     cli.check_names("--split", [split], SPLITS)
     root = resolve_data_dir(data_dir)
+    if root.exists() and not root.is_dir():
+        raise cli.UsageError(f"--data-dir {root}: not a folder; expected the folder holding {dataset}/")
     if dataset == "iemocap":
         missing = [str(p) for p in _files(dataset, root) if not p.is_dir()]
         if missing:
@@ -249,10 +250,16 @@ def encode_example(tok, example: dict, max_len: int) -> tuple[list[int], int]:
                         f"context > max_len {max_len}")
 
 def check_conversation(c, where: str, default_id) -> dict:
-    """A conversation to label, checked: {"id": any (default: default_id), "utterances": a non-empty list of
-    {"speaker": str, "text": str, "description": str (optional)}}. UserError naming `where` and the key."""
+    """A conversation to label, checked: {"id": a string or an integer of at most 200 characters (default:
+    default_id), "utterances": a non-empty list of {"speaker": str, "text": str, "description": str (optional)}},
+    texts valid Unicode. UserError naming `where` and the key. "where": where each utterance was read."""
     if not isinstance(c, dict) or not isinstance(c.get("utterances"), list) or not c["utterances"]:
         raise cli.UserError(f"{where}: expected an object with a non-empty list 'utterances', got {c!r:.60}")
+    cid = c.get("id", default_id)
+    if type(cid) not in (str, int) or len(str(cid)) > 200:  # not NaN, 1e400, true or a nested value
+        raise cli.UserError(f"{where}: key 'id' is {cid!r:.60}; expected a string or an integer, at most 200 "
+                            "characters")
+    _check_unicode(cid, f"{where}: key 'id'")
     for i, u in enumerate(c["utterances"]):
         if not isinstance(u, dict):
             raise cli.UserError(f"{where}: utterances[{i}] is {u!r:.60}; expected an object")
@@ -260,7 +267,38 @@ def check_conversation(c, where: str, default_id) -> dict:
             if not isinstance(u.get(key), str) and not (key == "description" and u.get(key) is None):
                 got = f"is {u[key]!r:.60}" if key in u else "is missing"
                 raise cli.UserError(f"{where}: utterances[{i}] key {key!r} {got}; expected a string")
-    return dict(id=c.get("id", default_id), utterances=c["utterances"])
+            _check_unicode(u.get(key), f"{where}: utterances[{i}] key {key!r}")
+    wheres = [f"{where}: utterances[{i}]" for i in range(len(c["utterances"]))]
+    return dict(id=cid, utterances=c["utterances"], where=wheres)
+
+def _check_unicode(value, where: str) -> None:
+    """UserError for a string holding a lone surrogate (JSON "\\ud800"), which no tokenizer can encode."""
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise cli.UserError(f"{where} holds a lone surrogate {value[e.start]!r}; expected valid Unicode") from None
+
+def check_fits(tok, conversations: list[dict], labels: list[str], max_len: int) -> None:
+    """UserError naming where an utterance was read and its key when its speaker, or its description, leaves no
+    token of max_len for the utterance (with the longest label): said before the model loads."""
+    ids = label_token_ids(tok, labels)
+    longest = max(labels, key=lambda label: len(ids[label]))
+    fitted = set()
+    for c in conversations:
+        for u, where in zip(c["utterances"], c["where"]):
+            for key in ("speaker", "description"):
+                parts = (fix_text(u["speaker"]), u.get("description") if key == "description" else None)
+                if (key == "description" and not parts[1]) or parts in fitted:
+                    continue
+                example = dict(label=longest, labels=labels, context=[], description=parts[1], dataset="input",
+                               dialogue_id=c["id"], utterance_id=0, target=dict(speaker=parts[0], text=""))
+                try:
+                    encode_example(tok, example, max_len)
+                except cli.UserError:
+                    raise cli.UserError(f"{where} key {key!r} ({len(u[key])} characters) leaves no room for the "
+                                        f"utterance within the checkpoint's max_len {max_len}; shorten it") from None
+                fitted.add(parts)
 
 def read_conversations(path, fmt: str) -> list[dict]:
     """Conversations from JSONL (fmt "jsonl": one per line, as check_conversation) or a CSV with MELD's
@@ -272,8 +310,9 @@ def read_conversations(path, fmt: str) -> list[dict]:
             dialogue = dialogues.setdefault(r[ints[0]], {})
             if r[ints[1]] in dialogue:
                 raise cli.UserError(f"{where}: Dialogue_ID {r[ints[0]]} Utterance_ID {r[ints[1]]} again")
-            dialogue[r[ints[1]]] = dict(speaker=r["Speaker"], text=r["Utterance"])
-        return [dict(id=d, utterances=[u[k] for k in sorted(u)]) for d, u in dialogues.items()]
+            dialogue[r[ints[1]]] = (dict(speaker=r["Speaker"], text=r["Utterance"]), f"{where}:")
+        return [dict(id=d, utterances=[u[k][0] for k in sorted(u)], where=[u[k][1] for k in sorted(u)])
+                for d, u in dialogues.items()]
     conversations = []
     for where, record in cli.jsonl_records(path):
         conversations.append(check_conversation(record, where, len(conversations)))

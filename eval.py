@@ -272,17 +272,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.check_device(a.device)
     return a
 
+LABEL_CHUNK = 512  # utterances labelled, then written, at a time: sorted by length into full batches
+
 def label_main(a: argparse.Namespace) -> None:
-    """--input: labels as JSON lines on stdout, all else on stderr; input checked before the model loads."""
+    """--input: labels as JSON lines on stdout, all else on stderr; input checked before the model loads. Labels
+    are written in input order as each chunk of conversations finishes."""
+    cli.check_streams(stdin=a.input == "-")
     ckpt = cli.read_checkpoint(a.ckpt)
-    convert.run_config(ckpt, a.ckpt)  # UserError for a config without the keys used here
+    cfg = convert.run_config(ckpt, a.ckpt)  # UserError for a config without the keys used here
     name = pick_label_set(ckpt, a.label_set)
     conversations = data.read_conversations(a.input, a.format)  # "-": stdin
+    tok = llama.load_tokenizer(convert.model_dir(cfg["model"]))
+    data.check_fits(tok, conversations, data.LABELS[name], cfg["max_len"])
     print(f"label set: {name} {data.LABELS[name]}", file=sys.stderr)
     with contextlib.redirect_stdout(sys.stderr):  # stdout holds the labels only
         model, tok, _ = load_checkpoint(a.ckpt, a.device, ckpt=ckpt)
-        rows = label_conversations(model, tok, ckpt, conversations, name, a.batch_size, progress=True)
-    sys.stdout.writelines(json.dumps(r) + "\n" for r in rows)
+
+    def lines(part):
+        with contextlib.redirect_stdout(sys.stderr):
+            rows = label_conversations(model, tok, ckpt, part, name, a.batch_size)
+        return [json.dumps(r) + "\n" for r in rows]
+    parts = list(cli.chunks(conversations, LABEL_CHUNK, weight=lambda c: len(c["utterances"])))
+    cli.stream_lines(parts, lines, "conversations")
 
 def results_dir(a: argparse.Namespace, trained_data: str) -> Path:
     """This evaluation's folder: its name encodes every option that changes the results, so variants never share

@@ -322,7 +322,8 @@ def saved_config(state: dict, a: argparse.Namespace) -> Config:
     unknown = sorted(set(state["config"]) - {f.name for f in fields(Config)})
     if unknown:
         raise cli.UserError(f"{a.resume}: its config has fields {unknown} that this train.py does not know")
-    return with_recipe(Config(**state["config"]))  # a field added since it was saved takes the recipe's value
+    saved = dict(state["config"], out=str(Path(a.resume).parent))  # where the run is now: a copy resumes in itself
+    return with_recipe(Config(**saved))  # a field added since it was saved takes the recipe's value
 
 def resume(state: dict, model, opt, out: Path, main_proc: bool) -> tuple[int, float]:
     """Load a ckpt_last.pt's adapter and optimizer state; drop the log rows of steps after it: (step, best).
@@ -332,15 +333,14 @@ def resume(state: dict, model, opt, out: Path, main_proc: bool) -> tuple[int, fl
     step = state["step"]
     log_file = out / "metrics.jsonl"
     if main_proc and log_file.exists():
-        rows = log_file.read_text().splitlines()
-        kept = [row + "\n" for row in rows if json.loads(row)["step"] <= step]
-        cli.atomic_write(log_file, "".join(kept))
+        cli.keep_log_rows(log_file, step)  # a torn or blank last line (a kill while writing it) is dropped
     return step, state["best"]
 
+@cli.releasing_locks
 def main(argv=None):
     cfg, a = parse_config(argv)
     if a.export_peft or a.export_merged:
-        return convert.export(a.src, a.export_peft, a.export_merged, a.dtype, a.shard_size)
+        return convert.export(a.src, a.export_peft, a.export_merged, a.dtype, a.shard_size, a.overwrite)
     state = cli.read_checkpoint(a.resume, RESUME_KEYS) if a.resume else None
     if state:  # a resumed run is the saved run: same config, so the same batches and schedule
         cfg = saved_config(state, a)
@@ -349,8 +349,8 @@ def main(argv=None):
     cli.check_device(cfg.device)
     out = Path(cfg.out)
     world, rank = setup_distributed(cfg)
-    if rank == 0 and not state:
-        cli.claim_run_folder(out, RUN_FILES, a.overwrite)
+    if rank == 0:  # one run, one folder: locked until the run ends
+        cli.claim_run_folder(out, RUN_FILES, a.overwrite, resume=bool(state))
     log = print if rank == 0 else (lambda *args, **kwargs: None)
     model, tok, opt = load_model(cfg, log)
     names, dev, encoded, per_epoch, total = load_data(cfg, tok, log)
@@ -359,14 +359,13 @@ def main(argv=None):
     meta = dict(config=asdict(cfg), model_args=asdict(model.args), labels={n: data.LABELS[n] for n in names})
     metrics_log = open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a")  # one row per step, for plots
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train")
-    lengths = [len(ids) for ids, _ in encoded]
     first = step
-    t0 = time.time()
-    tokens = 0
+    t0, tokens = time.time(), 0
+    stop = cli.StopRequest(lambda: cli.resume_hint(out / "ckpt_last.pt"))  # Ctrl-C, SIGTERM: after this step
     while step < total:
         epoch, k = divmod(step, per_epoch)
         if k == 0 or step == first:  # shuffled and length-grouped once per epoch
-            batches = make_batches(lengths, cfg.batch_size, cfg.seed + epoch)
+            batches = make_batches([len(ids) for ids, _ in encoded], cfg.batch_size, cfg.seed + epoch)
         lr = get_lr(step, total, cfg.lr, cfg.warmup)
         step_batches = batches[k * cfg.grad_accum:(k + 1) * cfg.grad_accum]
         loss, n_tokens = optimizer_step(model, opt, encoded, step_batches, lr, cfg, step, tok.pad_id, world, rank)
@@ -382,8 +381,9 @@ def main(argv=None):
                 save(out / "ckpt.pt", dict(meta, step=step, best=res["weighted_f1"]), model, dev=res, label_bias=bias)
             best = max(best, res["weighted_f1"])
         print(json.dumps(row), file=metrics_log, flush=True)
-        if rank == 0 and (step % cfg.save_every == 0 or step == total):
+        if rank == 0 and (step % cfg.save_every == 0 or step == total or stop):
             save(out / "ckpt_last.pt", dict(meta, step=step, best=best), model, optimizer=opt.state_dict())
+        stop.exit_if_asked(f"after step {step}: {cli.resume_hint(out / 'ckpt_last.pt')}")
     bar.close()
     log(f"done: best dev weighted F1 {100 * best:.2f}; adapter in {out / 'ckpt.pt'}")
     if world > 1:

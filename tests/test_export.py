@@ -95,7 +95,7 @@ def test_export_merged_writes_and_states_its_dtype(ckpt, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert {t.dtype for t in safetensors.torch.load_file(next(out.glob("model-*.safetensors"))).values()} == {
         torch.bfloat16}
-    train.main(["--export-merged", str(out), "--from", str(ckpt)])
+    train.main(["--export-merged", str(out), "--from", str(ckpt), "--overwrite"])
     assert "float32 weights in 1 file(s)" in capsys.readouterr().out
     assert sorted(f.name for f in out.glob("model*")) == ["model.safetensors"]
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
