@@ -182,7 +182,9 @@ def calibrated_report(rows: list[dict], bias: dict | None = None, fit: bool = Fa
         bias = calibrate(rows, None if fit else bias)
     res = report(rows)
     res["uncalibrated_weighted_f1"] = uncalibrated
-    res["calibrated"] = bool(bias)
+    evaluated = {r["dataset"] for r in rows}
+    res["calibrated_datasets"] = sorted(evaluated & set(bias or {}))  # offsets exist only for trained datasets
+    res["calibrated"] = bool(res["calibrated_datasets"])
     return res, bias
 
 def pick_label_set(ckpt: dict, name: str | None = None) -> str:
@@ -325,6 +327,10 @@ def evaluate(model, tok, a, cfg: dict, descriptions, keep=None) -> tuple[list[di
     rows = predict(model, tok, examples, a.max_len or cfg["max_len"], a.batch_size, a.generate)
     bias = None if a.generate or a.no_calibration else cfg.get("label_bias")  # offsets fitted on dev by train.py
     res, _ = calibrated_report(rows, bias)
+    without = sorted({r["dataset"] for r in rows} - set(res["calibrated_datasets"]))
+    if bias and without:
+        print(f"note: the checkpoint's dev-fitted label offsets are for {', '.join(sorted(bias))} only; "
+              f"{', '.join(without)} is scored without offsets")
     return rows, res
 
 def show(title: str, res: dict, split: str) -> None:
@@ -332,7 +338,8 @@ def show(title: str, res: dict, split: str) -> None:
     before = res.get("uncalibrated_weighted_f1", {})
     for name, m in res.items():
         if isinstance(m, dict) and "weighted_f1" in m:
-            raw = f" ({100 * before[name]:.2f} without the dev-fitted label offsets)" if res.get("calibrated") else ""
+            offsets = name in res.get("calibrated_datasets", []) or (name == "union" and res.get("calibrated"))
+            raw = f" ({100 * before[name]:.2f} without the dev-fitted label offsets)" if offsets else ""
             print(f"{title}{name} {split}: weighted F1 {100 * m['weighted_f1']:.2f}{raw}  accuracy "
                   f"{100 * m['accuracy']:.2f}  macro F1 {100 * m['macro_f1']:.2f}  invalid {m['invalid']}  n={m['n']}")
 

@@ -370,3 +370,25 @@ def test_described_only_scores_each_described_utterance_with_and_without_it(plan
 ])
 def test_results_dir_names_every_variant(argv, trained, expect):
     assert ev.results_dir(ev.parse_args(argv + ["--device", "cpu"]), trained) == Path(expect)
+
+
+def test_offsets_of_one_dataset_are_not_claimed_for_another(capsys):
+    """A checkpoint with EmoryNLP offsets scored on MELD too: only EmoryNLP's line shows an uncalibrated score,
+    MELD's predictions stay the raw argmax, and the report names which datasets had offsets."""
+    emory = data.LABELS["emorynlp"]
+    rows = [dict(dataset="meld", gold=MELD[i % 7], pred=None, scores={label: float(j == i % 3) for j, label in
+                                                                       enumerate(MELD)}) for i in range(14)]
+    rows += [dict(dataset="emorynlp", gold=emory[i % 7], pred=None, scores={label: float(j == 0) for j, label in
+                                                                             enumerate(emory)}) for i in range(14)]
+    for r in rows:
+        r["pred"] = max(r["scores"], key=r["scores"].get)
+    raw = [r["pred"] for r in rows]
+    bias = {"emorynlp": [0.0, 2.0, 0, 0, 0, 0, 0]}
+    res, _ = ev.calibrated_report(rows, bias)
+    assert res["calibrated_datasets"] == ["emorynlp"] and res["calibrated"] is True
+    assert [r["pred"] for r in rows[:14]] == raw[:14]  # MELD: no offsets of its own, the raw argmax
+    assert all(r["pred"] == emory[1] for r in rows[14:])  # EmoryNLP: its offset moved every prediction
+    ev.show("", res, "test")
+    lines = capsys.readouterr().out.splitlines()
+    assert "without the dev-fitted label offsets" in next(line for line in lines if line.startswith("emorynlp"))
+    assert "without the dev-fitted label offsets" not in next(line for line in lines if line.startswith("meld"))
