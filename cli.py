@@ -191,6 +191,37 @@ def check_device(device: str) -> None:
     if kind == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {device}: MPS is not available here")
 
+# x86 flags (/proc/cpuinfo) of CPUs that multiply bfloat16 natively (AMX tiles or AVX-512 BF16); elsewhere bf16
+# matmuls are emulated and no faster than float32.
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags, from the first `flags` line of /proc/cpuinfo; empty where there is none."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        return set()
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+def auto_dtype(device: str) -> tuple[str, str]:
+    """What --dtype auto means on `device`: (float32 or bfloat16, why). bfloat16 on a CUDA GPU that supports it
+    and on a CPU with BF16_FLAGS; float32 elsewhere."""
+    kind = device.split(":")[0]  # not torch.device: a bad --device is refused later, by check_device
+    if kind == "cuda":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bfloat16", "the GPU supports bfloat16"
+        return "float32", "the GPU does not support bfloat16"
+    if kind != "cpu":
+        return "float32", f"bfloat16 is not tried on {kind}"
+    found = sorted(set(BF16_FLAGS) & cpu_flags())
+    if found:
+        return "bfloat16", f"the CPU multiplies bfloat16 natively ({', '.join(found)})"
+    return "float32", f"the CPU has none of {', '.join(BF16_FLAGS)}, so bfloat16 would be emulated"
+
 def check_writable(folder, flag: str = "--out") -> None:
     """UsageError unless `folder` exists as a writable folder or can be created (checked before any work)."""
     folder = Path(folder)

@@ -298,11 +298,24 @@ def run_config(ckpt: dict, path) -> dict:
     return cfg
 
 
+def trained_dtype(cfg: dict, device, path) -> str:
+    """The dtype name a run config trained in: its `dtype`, `auto` resolved by cli.auto_dtype for `device`.
+    cli.UserError for a name that is neither."""
+    name = cfg.get("dtype") or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
+    if name == "auto":
+        name, _ = cli.auto_dtype(str(device))
+    if name not in ("float32", "bfloat16"):
+        raise cli.UserError(f"{path}: its config's dtype is {name!r}; expected float32, bfloat16 or auto")
+    return name
+
+
 def load_checkpoint(path, device="cpu", dtype=None, ckpt: dict | None = None, merge: bool | None = None):
     """Rebuild (model with the adapter, in eval mode; Tokenizer; checkpoint dict) from a train.py checkpoint alone.
 
-    dtype defaults to bfloat16 on CUDA and float32 elsewhere. merge (default: only in float32) folds B A into the
-    base weights (LoRALinear.merge, in float32, then cast back). A bfloat16 or float16 base keeps the adapter
+    dtype defaults to the one the run trained in (its config's dtype; `auto`, resolved as train.py resolves it),
+    so the dev-fitted label offsets meet the model they were fitted on; a config without one (written before
+    --dtype existed) gets bfloat16 on CUDA and float32 elsewhere. merge (default: only in float32) folds B A into
+    the base weights (LoRALinear.merge, in float32, then cast back). A bfloat16 or float16 base keeps the adapter
     unmerged: there one rounding step of a weight near 0.02 (~1.2e-4) is the size of the LoRA update itself, so a
     merged model would be a coarser one than the model on which dev chose the checkpoint and fitted the offsets.
     Raises cli.UserError (or cli.MissingError) for a file that is not a readable checkpoint, a missing base
@@ -313,7 +326,7 @@ def load_checkpoint(path, device="cpu", dtype=None, ckpt: dict | None = None, me
         ckpt = cli.read_checkpoint(path)
     cfg = run_config(ckpt, path)
     if dtype is None:
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        dtype = getattr(torch, trained_dtype(cfg, device, path))
     model, tok = llama.load(model_dir(cfg["model"]), device=device, dtype=dtype)
     if "model_args" in ckpt and ckpt["model_args"] != asdict(model.args):
         raise cli.UserError(f"{path}: trained on a model with {ckpt['model_args']}, "

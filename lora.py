@@ -15,15 +15,24 @@ import cli
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # the linear layers of a LLaMA block (llama.py's names)
 
+def drop(x: torch.Tensor, p: float) -> torch.Tensor:
+    """x with each element zeroed with probability p, NOT rescaled by 1 / (1 - p): the adapter rescales its narrow
+    (..., r) middle instead (LoRALinear.forward), as A is linear. One bool mask (1 byte an element, kept for
+    backward), where ATen's CPU dropout draws a float mask, divides it by 1 - p and multiplies: on the CPU recipe's
+    step those passes cost more than the matmuls of the adapters they feed."""
+    keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
+    return torch.where(keep, x, 0)
+
 class SharedDropout(nn.Module):
-    """Dropout whose one mask the `users` adapters reading the same input share (wq, wk, wv of an Attention; w1, w3
-    of a FeedForward), as litgpt's fused qkv adapter does: each adapter still sees dropout at rate p.
+    """Dropout (`drop`, unscaled) whose one mask the `users` adapters reading the same input share (wq, wk, wv of
+    an Attention; w1, w3 of a FeedForward), as litgpt's fused qkv adapter does: each adapter still sees dropout at
+    rate p. One user: plain dropout.
 
     The first user draws the mask from the RNG, the last one releases it, so nothing outlives the call. Masks are
     drawn in a fixed order within each block; activation checkpointing restores the RNG state before it recomputes
     a block, so backward sees exactly the masks the forward drew. `reset` (a forward pre-hook of the module, see
     apply_lora) starts each call of the module afresh, even after an interrupted one."""
-    def __init__(self, p: float, users: int):
+    def __init__(self, p: float, users: int = 1):
         super().__init__()
         self.p = p
         self.users = users
@@ -35,7 +44,7 @@ class SharedDropout(nn.Module):
 
     def forward(self, x):
         if self.calls == 0:
-            self.out = F.dropout(x, self.p, self.training)
+            self.out = drop(x, self.p) if self.training and self.p > 0 else x
         out = self.out
         self.calls += 1
         if self.calls == self.users:
@@ -45,7 +54,7 @@ class SharedDropout(nn.Module):
 class LoRALinear(nn.Module):
     """A frozen bias-free nn.Linear (as in LLaMA) plus a trainable float32 low-rank update of rank r > 0.
     dropout: a rate, or a SharedDropout module that other adapters use too."""
-    def __init__(self, base: nn.Linear, r: int, lora_alpha: float, dropout: float | nn.Module = 0.0):
+    def __init__(self, base: nn.Linear, r: int, lora_alpha: float, dropout: float | SharedDropout = 0.0):
         super().__init__()
         self.weight = base.weight.requires_grad_(False)  # the same Parameter, frozen
         self.scale = lora_alpha / r
@@ -53,16 +62,19 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(base.weight.new_empty(r, base.in_features, dtype=torch.float32))
         self.lora_B = nn.Parameter(base.weight.new_zeros(base.out_features, r, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as loralib and peft
-        self.dropout = dropout
-        if not isinstance(dropout, nn.Module):
-            self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout if isinstance(dropout, nn.Module) else SharedDropout(dropout)
+        self.keep = 1 - self.dropout.p  # the dropped input is not rescaled: forward divides the middle by this
 
     def forward(self, x):
+        """x W^T + (drop(x) A^T) (scale / keep) B^T, x (..., in) -> (..., out). The scalars multiply the (..., r)
+        middle, not the (..., out) output, and addmm adds the update into the base output inside one GEMM."""
         y = F.linear(x, self.weight)
         if self.merged:
             return y
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return y + F.linear(F.linear(self.dropout(x), a), b) * self.scale
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)  # for a bf16 model outside autocast too (dev scoring)
+        gain = self.scale / self.keep if self.training else self.scale
+        h = F.linear(self.dropout(x), a) * gain  # (..., r)
+        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), b.t()).view(y.shape)
 
     def delta(self) -> torch.Tensor:
         """B A * scale in float32, shape (out_features, in_features)."""

@@ -40,13 +40,10 @@ def memory_plan(args: llama.ModelArgs, cfg, blocks: int) -> list[tuple[str, int]
     # the feed-forward's w1 x, silu(w1 x) and w3 x.
     block = 2 * 4 * C + a * (2 * Q + 2 * KV + 3 * F_) + 4 * H
     # LoRA keeps the input of each adapter and its (T, r) middle; adapters reading the same tensor (wq, wk, wv;
-    # w1, w3) share it, and with dropout its dropped copy and the mask (lora.SharedDropout; the mask is bool on
-    # CUDA, while on CPU ATen's dropout multiplies by a float mask).
+    # w1, w3) share it, and with dropout its dropped copy and the bool mask (lora.SharedDropout, lora.drop).
     share = dict(wq="wq", wk="wq", wv="wq", wo="wo", w1="w1", w3="w1", w2="w2")
     kept = {share[t] for t in targets}
-    mask_bytes = 0
-    if cfg.dropout > 0:
-        mask_bytes = 1 if cuda else a
+    mask_bytes = 1 if cfg.dropout > 0 else 0
     block += sum((a + mask_bytes) * io[t][0] for t in kept) + a * cfg.r * len(targets)
     # A checkpointed block keeps only its input; backward recomputes one block at a time.
     act = (args.n_layers - blocks) * tokens * block + blocks * tokens * a * C

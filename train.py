@@ -58,7 +58,7 @@ class Config:
     grad_clip: float = 1.0
     grad_ckpt: str | None = None  # activation checkpointing: auto, all, none, or a number of blocks
     gpu_mem: float | None = None  # GiB that --grad-ckpt auto and --dry-run plan for (None: the device's free memory)
-    dtype: str | None = None  # of the frozen base weights and the autocast activations: float32 or bfloat16
+    dtype: str | None = None  # base weights and autocast activations: auto (cli.auto_dtype), float32, bfloat16
     max_steps: int = 0  # stop after this many optimizer steps (0: the epochs decide)
     eval_every: int = 0  # dev evaluation every N steps (0: at the end of each epoch)
     dev_limit: int | None = None  # dev utterances used for model selection (None: all)
@@ -68,14 +68,15 @@ class Config:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 # On a GPU the authors' released scripts (LLaMA-2-7B, bf16; the paper itself states r=4, alpha 16, 10 epochs,
-# batch 128); on CPU a budget recipe for the 135M default model: 2 epochs of MELD in about 1 h 25 min on 2 cores.
+# batch 128); on CPU a budget recipe for the 135M default model: 2 epochs of MELD in about 1 h 25 min on 2 cores,
+# in bfloat16 where the CPU has bf16 units (dtype auto), float32 elsewhere.
 RECIPES = {
     "cuda": dict(targets="wq,wv", r=8, lora_alpha=64, lr=3e-4, warmup=100, epochs=3, batch_size=4, grad_accum=15,
                  grad_ckpt="auto", dtype="bfloat16"),
     "cpu": dict(targets="wq,wk,wv,wo,w1,w2,w3", r=16, lora_alpha=32, lr=1e-3, warmup=30, epochs=2, batch_size=8,
-                grad_accum=2, grad_ckpt="none", dtype="float32"),
+                grad_accum=2, grad_ckpt="none", dtype="auto"),
 }
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 
 def blocks_flag(value: str) -> str:
     """--grad-ckpt: auto, all, none, or a number of blocks (the first ones are checkpointed)."""
@@ -94,11 +95,16 @@ RUN_FILES = ("ckpt.pt", "ckpt_last.pt", "metrics.jsonl")
 RESUME_KEYS = ("config", "lora", "optimizer", "step", "best")
 
 def with_recipe(cfg: Config) -> Config:
-    """cfg with the fields left None taken from its device's recipe (RECIPES)."""
+    """cfg with the fields left None taken from its device's recipe (RECIPES), and --dtype auto resolved (and
+    said) once here, so the checkpoint's config holds the dtype that ran and evaluation loads that one."""
     recipe = RECIPES["cuda"] if cfg.device.startswith("cuda") else RECIPES["cpu"]
     for key, value in recipe.items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
+    if cfg.dtype == "auto":
+        cfg.dtype, why = cli.auto_dtype(cfg.device)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"--dtype auto: {cfg.dtype}, as {why}")
     return cfg
 
 def parse_config(argv=None) -> tuple[Config, argparse.Namespace]:

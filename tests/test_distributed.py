@@ -17,7 +17,7 @@ def test_two_processes_match_one(tmp_path, shared_models):
     make_meld(tmp_path / "data", n_dialogues=8)
     argv = ["train.py", "--model", str(tmp_path / "model"), "--data-dir", str(tmp_path / "data"), "--max-steps", "3",
             "--batch-size", "2", "--grad-accum", "2", "--dropout", "0.1", "--window", "1",
-            "--lr", "1e-2", "--warmup", "1", "--device", "cpu"]
+            "--lr", "1e-2", "--warmup", "1", "--device", "cpu", "--dtype", "float32"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, *argv, "--out", str(tmp_path / "one")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)

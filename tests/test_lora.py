@@ -151,6 +151,24 @@ def test_dropout_on_lora_branch_only():
     assert torch.equal(y1, y2) and maxdiff(y1, base + x @ m.lora_A.T @ m.lora_B.T * 2) <= 1e-5
 
 
+def test_dropout_keeps_rate_p_and_the_expected_update():
+    """lora.drop zeros a fraction p of its input (0.05, the recipes' rate) and does not rescale; the adapter divides
+    its middle by 1 - p instead, so a training-mode update averages to the evaluation-mode one."""
+    torch.manual_seed(0)
+    x = torch.randn(2000, 200)
+    dropped = lora.drop(x, 0.05)
+    assert abs((dropped == 0).float().mean().item() - 0.05) < 0.002  # n = 400,000: std 3.4e-4
+    assert torch.equal(dropped[dropped != 0], x[dropped != 0])  # kept elements unscaled
+    m = lora.LoRALinear(nn.Linear(32, 24, bias=False), r=4, lora_alpha=8, dropout=0.05)
+    with torch.no_grad():
+        m.lora_B.normal_()
+    row = torch.randn(1, 32).expand(20000, 32)  # one input, 20,000 dropout draws
+    with torch.no_grad():
+        trained, evaluated = m.train()(row).mean(0), m.eval()(row[:1])[0]
+    base = F.linear(row[:1], m.weight)[0]
+    assert maxdiff(trained - base, evaluated - base) <= 0.02 * (evaluated - base).abs().max()
+
+
 def test_adapters_reading_one_input_share_one_dropout_mask():
     """wq, wk, wv share one mask of their input and w1, w3 one of theirs; wo and w2 read other tensors and draw
     their own; the rate stays p; the mask is released as soon as its last user has it."""

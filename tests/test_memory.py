@@ -51,8 +51,8 @@ def test_activation_term_counts_what_autograd_saves(targets, dropout):
                            num_hidden_layers=n_layers)
         lora.apply_lora(model, targets.split(","), 8, 16, dropout, verbose=False)
         per_block.append(saved_bytes(model.train(), torch.randint(3, 512, (B, T))))
-    p = plan(model.args, ["--device", "cpu", "--targets", targets, "--r", "8", "--dropout", str(dropout),
-                          "--batch-size", str(B), "--max-len", str(T), "--grad-ckpt", "0"])
+    p = plan(model.args, ["--device", "cpu", "--dtype", "float32", "--targets", targets, "--r", "8",
+                          "--dropout", str(dropout), "--batch-size", str(B), "--max-len", str(T), "--grad-ckpt", "0"])
     assert abs((per_block[1] - per_block[0]) - p["activations"] / 3) <= 16 * B * T  # the rsqrt of the two norms
 
 
@@ -85,7 +85,7 @@ def test_plan_matches_peak_memory_of_real_steps(tmp_path, shared_models):
     assert len(lengths) == 1
     argv = ["--model", str(tmp_path / "model"), "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
             "--window", "0", "--max-len", str(lengths.pop()), "--batch-size", "4", "--grad-accum", "1",
-            "--max-steps", "2", "--dev-limit", "4", "--device", "cpu", "--grad-ckpt", "0"]
+            "--max-steps", "2", "--dev-limit", "4", "--device", "cpu", "--dtype", "float32", "--grad-ckpt", "0"]
     proc = subprocess.run([sys.executable, "-c", MEASURE.format(root=ROOT, argv=argv)], capture_output=True,
                           text=True, env=dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536"), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

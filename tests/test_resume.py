@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def args(tmp_path, out):
     return ["--model", str(tmp_path / "model"), "--data-dir", str(tmp_path / "data"), "--out", str(out),
             "--max-steps", "6", "--save-every", "1", "--batch-size", "2", "--grad-accum", "2", "--dropout", "0.1",
-            "--eval-every", "3", "--dev-limit", "4", "--window", "1", "--warmup", "2", "--lr", "1e-2", "--device", "cpu"]
+            "--eval-every", "3", "--dev-limit", "4", "--window", "1", "--warmup", "2", "--lr", "1e-2", "--device", "cpu",
+            "--dtype", "float32"]
 
 
 def run(argv, **kw):

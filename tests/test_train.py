@@ -278,7 +278,7 @@ def test_main_end_to_end_and_checkpoint_reload(tmp_path, shared_models, data_dir
     hf = make_checkpoint(folder, shared_models)
     argv = ["--model", str(folder), "--data", "meld", "--data-dir", str(data_dir), "--max-steps", "2",
             "--dev-limit", "8", "--out", str(out), "--batch-size", "2", "--grad-accum", "2", "--window", "1",
-            "--warmup", "1", "--lr", "1e-2", "--max-len", "1024", "--device", "cpu"]
+            "--warmup", "1", "--lr", "1e-2", "--max-len", "1024", "--device", "cpu", "--dtype", "float32"]
     monkeypatch.setattr(train, "time", Clock())  # t0, then one call per step: 1 s per step exactly
     train.main(argv)
     assert (out / "ckpt.pt").exists() and (out / "ckpt_last.pt").exists()
@@ -329,20 +329,55 @@ def test_main_end_to_end_and_checkpoint_reload(tmp_path, shared_models, data_dir
         assert maxdiff(model(x), hf(x).logits) <= 1e-4
 
 
-def test_cuda_recipe_code_path_runs_on_cpu_in_bfloat16(tmp_path, shared_models):
-    """--dtype bfloat16 on the CPU runs what a GPU runs: bf16 base weights under autocast, every block checkpointed,
-    float32 LoRA and AdamW state; the loss stays finite and falls."""
+# ---------------------------------------------------------------- precision: --dtype auto and the bf16 path
+
+@pytest.mark.parametrize("flags,dtype", [({"fpu", "avx2", "avx512f"}, "float32"), ({"avx2", "amx_bf16"}, "bfloat16"),
+                                         ({"avx512f", "avx512_bf16"}, "bfloat16"), (set(), "float32")])
+def test_dtype_auto_follows_the_cpu_flags(monkeypatch, capsys, flags, dtype):
+    """The CPU recipe's --dtype auto is bfloat16 exactly where the CPU has bf16 units (AMX or AVX-512 BF16), says
+    which and why, and --dtype float32 / bfloat16 still force one whatever the flags."""
+    monkeypatch.setattr(train.cli, "cpu_flags", lambda: flags)
+    cfg, _ = train.parse_config(["--device", "cpu"])
+    assert cfg.dtype == dtype
+    said = capsys.readouterr().out
+    assert f"--dtype auto: {dtype}, as the CPU" in said
+    assert ("natively" in said) == (dtype == "bfloat16")
+    for forced in ("float32", "bfloat16"):
+        cfg, _ = train.parse_config(["--device", "cpu", "--dtype", forced])
+        assert cfg.dtype == forced
+        assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("dtype,expect", [("auto", "bfloat16"), (None, "float32"), ("float32", "float32")])
+def test_evaluation_loads_the_dtype_the_run_trained_in(monkeypatch, dtype, expect):
+    """A checkpoint's config dtype picks the evaluation dtype; `auto` is resolved as train.py resolves it (here on a
+    host stubbed to have bf16 units); a config from before --dtype existed keeps float32 on CPU."""
+    monkeypatch.setattr(train.cli, "cpu_flags", lambda: {"amx_bf16"})
+    config = {} if dtype is None else dict(dtype=dtype)
+    assert train.convert.trained_dtype(config, "cpu", "ckpt.pt") == expect
+    with pytest.raises(ValueError, match="ckpt.pt: its config's dtype is 'float16'"):
+        train.convert.trained_dtype(dict(dtype="float16"), "cpu", "ckpt.pt")
+
+
+@pytest.mark.parametrize("recipe", ["cuda", "cpu-auto"])
+def test_cuda_recipe_code_path_runs_on_cpu_in_bfloat16(tmp_path, shared_models, monkeypatch, recipe):
+    """bf16 on the CPU: bf16 base weights under autocast, float32 LoRA and AdamW state; the loss stays finite and
+    falls. "cuda": --dtype bfloat16 runs what a GPU runs (LoRA on wq, wv, every block checkpointed). "cpu-auto":
+    the CPU recipe (all 7 targets, shared dropout masks, no checkpointing) with --dtype auto on a host stubbed to
+    have bf16 units; the checkpoint stores the resolved dtype, and evaluation rebuilds the model in it."""
+    monkeypatch.setattr(train.cli, "cpu_flags", lambda: {"avx512_bf16"})
     folder, out = tmp_path / "model", tmp_path / "run"
     make_checkpoint(folder, shared_models)
     make_meld(tmp_path / "data", 4, 4, label="joy")
     argv = ["--model", str(folder), "--data-dir", str(tmp_path / "data"), "--out", str(out), "--device", "cpu",
-            "--dtype", "bfloat16", "--grad-ckpt", "all", "--targets", "wq,wv", "--r", "8", "--lora-alpha", "64",
             "--batch-size", "4", "--grad-accum", "1", "--max-steps", "8", "--lr", "1e-2", "--warmup", "1",
             "--window", "1", "--dev-limit", "4", "--save-every", "1"]
+    if recipe == "cuda":
+        argv += ["--dtype", "bfloat16", "--grad-ckpt", "all", "--targets", "wq,wv", "--r", "8", "--lora-alpha", "64"]
     cfg, _ = train.parse_config(argv)
     model, _, opt = train.load_model(cfg, log=lambda *_: None)
     assert model.tok_embeddings.weight.dtype == torch.bfloat16 == model.layers[0].attention.wq.weight.dtype
-    assert model.checkpointing == model.args.n_layers
+    assert model.checkpointing == (model.args.n_layers if recipe == "cuda" else 0)
     train.main(argv)
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
@@ -352,6 +387,8 @@ def test_cuda_recipe_code_path_runs_on_cpu_in_bfloat16(tmp_path, shared_models):
     assert all(t.dtype == torch.float32 for t in last["lora"].values())
     moments = [v for s in last["optimizer"]["state"].values() for k, v in s.items() if k != "step"]
     assert moments and all(t.dtype == torch.float32 for t in moments)
+    evaluated, _, _ = ev.load_checkpoint(out / "ckpt.pt")
+    assert evaluated.layers[0].attention.wq.weight.dtype == torch.bfloat16
 
 
 def test_grad_ckpt_flag_never_changes_a_run(tmp_path, shared_models):
