@@ -240,7 +240,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--generate", action="store_true", help="greedy decoding instead of label scoring")
     p.add_argument("--no-calibration", action="store_true", help="ignore the label offsets fitted on dev")
     p.add_argument("--zero-shot", action="store_true", help="the base model --model with no adapter")
-    p.add_argument("--model", default="default", help="base model for --zero-shot")
+    p.add_argument("--model", default="default", help="base model for --zero-shot, or the new place of a "
+                   "checkpoint's base model folder (its shapes are checked)")
     p.add_argument("--window", type=cli.natural_int, help=f"--zero-shot: context window (default {data.WINDOW})")
     p.add_argument("--max-len", type=cli.positive_int, help="prompt + answer tokens (default: the checkpoint's)")
     p.add_argument("--batch-size", type=cli.positive_int, default=8)
@@ -363,6 +364,8 @@ def main(argv=None):
     cfg = dict(data="meld", window=a.window, max_len=data.MAX_LEN)  # --zero-shot
     if a.ckpt:
         ckpt = cli.read_checkpoint(a.ckpt)
+        if a.model != "default":  # the base model moved: the checkpoint's model_args still guard its shapes
+            ckpt["config"]["model"] = str(convert.model_dir(a.model).resolve())
         cfg = dict(convert.run_config(ckpt, a.ckpt), label_bias=ckpt.get("label_bias"))  # as trained
     out = results_dir(a, cfg["data"])
     cli.check_writable(out)

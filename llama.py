@@ -39,7 +39,15 @@ class ModelArgs:
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
             raise ValueError(f"rope_scaling {scaling} is not supported (only 'llama3')")
+        llama3 = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3" and not set(llama3) <= set(scaling):
+            raise ValueError(f"rope_scaling llama3 needs {', '.join(llama3)}; got {sorted(scaling)}")
+        if cfg.get("hidden_act", "silu") != "silu" or cfg.get("model_type", "llama") != "llama":
+            raise ValueError(f"model_type {cfg.get('model_type')!r} with hidden_act {cfg.get('hidden_act')!r}; "
+                             "LLaMA is model_type 'llama' with SwiGLU's 'silu'")
         n_heads = cfg["num_attention_heads"]
+        if n_heads % (cfg.get("num_key_value_heads") or n_heads):
+            raise ValueError(f"{n_heads} attention heads do not split into {cfg['num_key_value_heads']} kv groups")
         return cls(dim=cfg["hidden_size"], tie_embeddings=cfg.get("tie_word_embeddings", False),
                    n_layers=cfg["num_hidden_layers"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
                    n_heads=n_heads, head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
@@ -392,6 +400,12 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[Tr
     if missing or unexpected:
         raise cli.UserError(f"{path}: tensors do not fit config.json: missing {missing[:5]}, unexpected "
                             f"{unexpected[:5]} ({len(missing)} and {len(unexpected)} in all)")
+    shapes = {name: t.shape for name, t in model.state_dict().items()}  # as config.json gives them (meta)
+    wrong = [f"{ours_to_hf(n)} {tuple(t.shape)} (config.json: {tuple(shapes[n])})" for n, t in state.items()
+             if t.shape != shapes[n]]
+    if wrong:
+        raise cli.UserError(f"{path}: tensor shapes do not fit config.json: {', '.join(wrong[:3])} "
+                            f"({len(wrong)} in all)")
     model.load_state_dict(state, strict=not tied, assign=True)
     if tied:
         model.output.weight = model.tok_embeddings.weight
@@ -425,7 +439,8 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.sp.encode(text) if self.sp else self.hf.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+        bos_ids = [self.bos_id] if bos and self.bos_id is not None else []  # a model without BOS starts bare
+        return bos_ids + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids) if self.sp else self.hf.decode(ids, skip_special_tokens=True)

@@ -123,8 +123,8 @@ def parse_config(argv=None) -> tuple[Config, argparse.Namespace]:
                    help="--export-merged: the most gigabytes per safetensors shard (default 5, as the Hub)")
     a = p.parse_args(argv)
     cfg = with_recipe(Config(**{f.name: getattr(a, f.name) for f in fields(Config)}))
-    if cfg.model != "default" and Path(cfg.model).exists():  # a Hub repo id (owner/name) stays as given
-        cfg.model = str(Path(cfg.model).resolve())
+    if cfg.model != "default":  # a folder, or a Hub repo id pinned to the snapshot it resolves to now
+        cfg.model = str(convert.model_dir(cfg.model).resolve())
     cli.check_names("--targets", cfg.targets.split(","), lora.TARGETS)
     cli.check_names("--dtype", [cfg.dtype], DTYPES)
     cli.check_names("--data", cfg.data.split(","), (*data.DATASETS, "all"))

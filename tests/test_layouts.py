@@ -173,6 +173,11 @@ def test_hub_cache_repo_id_trains_and_evaluates(tmp_path, shared_models):
     assert all(f.is_symlink() for f in snap.iterdir())
     err = train_and_eval(REPO, tmp_path, env={"HF_HUB_CACHE": str(tmp_path / "hub")})
     assert str(snap) in err  # it says which folder it took
+    # the run is pinned to that snapshot: a newer one arriving in the cache later does not change its base model
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["config"]["model"] == str(snap.resolve())
+    env = {"HF_HUB_CACHE": str(tmp_path / "none"), "DIALOGUELLM_DATA": str(tmp_path / "data")}
+    e = run("eval.py", tmp_path / "run" / "ckpt.pt", "--limit", 4, env=env)
+    assert e.returncode == 0, e.stderr[-3000:]  # evaluated without the cache variable, from the pinned folder
 
 
 # ---------------------------------------------------------------- the weights loaded are the right ones
@@ -265,3 +270,40 @@ def test_repo_id_not_cached_is_one_clear_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("train.py: error: --model meta-llama/Llama-2-7b-hf: "), lines
     assert str(tmp_path / "hub" / "models--meta-llama--Llama-2-7b-hf" / "snapshots") in lines[0]
+
+
+# ---------------------------------------------------------------- configs this model does not compute
+
+@pytest.mark.parametrize("change, says", [
+    (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+    (dict(model_type="qwen2"), "model_type 'qwen2'"),
+    (dict(num_key_value_heads=3), "do not split into 3 kv groups"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling llama3 needs"),
+])
+def test_a_config_llama_py_would_compute_wrongly_is_refused(tmp_path, change, says):
+    """Fields that change the maths are read, not ignored: a GELU model or another architecture would run as a
+    SwiGLU LLaMA with the same tensor names, silently wrong."""
+    cfg = dict(model_type="llama", hidden_act="silu", hidden_size=64, intermediate_size=96, num_attention_heads=4,
+               num_key_value_heads=2, num_hidden_layers=2, vocab_size=512)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(cli.UserError, match=says):
+        llama.read_args(tmp_path)
+
+
+def test_tensor_shapes_that_do_not_fit_config_json_are_one_line(tmp_path, shared_models):
+    folder = llama2_folder(tmp_path / "m", shared_models)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(cfg, vocab_size=cfg["vocab_size"] + 1)))
+    with pytest.raises(cli.UserError, match=r"tensor shapes do not fit config.json: model.embed_tokens.weight"):
+        llama.load(folder)
+
+
+def test_eval_model_flag_repoints_a_checkpoint_whose_base_moved(tmp_path, shared_models):
+    folder = llama2_folder(tmp_path / "base", shared_models)
+    train_and_eval(str(folder), tmp_path)
+    folder.rename(tmp_path / "moved")
+    env = {"DIALOGUELLM_DATA": str(tmp_path / "data")}
+    gone = run("eval.py", tmp_path / "run" / "ckpt.pt", "--limit", 4, env=env)
+    assert gone.returncode == 1 and "no config.json there" in gone.stderr.splitlines()[-1]
+    moved = run("eval.py", tmp_path / "run" / "ckpt.pt", "--limit", 4, "--model", tmp_path / "moved", env=env)
+    assert moved.returncode == 0, moved.stderr[-3000:]
