@@ -232,7 +232,7 @@ def test_ckpt_pt_holds_the_first_step_with_the_best_dev_score(run, tmp_path, mon
     planted_f1 = [0.30, 0.50, 0.50, 0.40]
     calls = []
 
-    def evaluate(model, tok, dev, cfg, names, world, rank):
+    def evaluate(model, tok, dev, cfg, names, world, rank, batch):
         f1 = planted_f1[len(calls)]
         calls.append(len(dev))
         res = dict(weighted_f1=f1, accuracy=f1 / 2, uncalibrated_weighted_f1=f1 / 3)
