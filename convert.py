@@ -7,6 +7,9 @@ float32 by the gguf package, Q/K rows put back into HF's rotary order, a tokeniz
 vocabulary. Exports follow peft's adapter format (adapter_model.safetensors + adapter_config.json) and the
 folders transformers' save_pretrained writes.
 """
+import argparse
+import ast
+import collections
 import importlib.util
 import json
 import os
@@ -17,6 +20,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import cli
@@ -481,7 +485,15 @@ def claim_export_dir(folder, flag: str, src, overwrite: bool) -> None:
         raise cli.UsageError(f"{flag} {folder}: not empty ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''})"
                              "; choose an empty folder, or replace its files with --overwrite")
 
-# ---- data from outside: MELD's CSVs, Meld-Captioning descriptions
+# ---------------------------------------------------------------- the datasets' files in
+# data.py holds the method (LABELS, the template) and passes each dataset's label words in: this file never
+# imports data.py, so the two import in one direction only.
+
+SPLITS = ("train", "dev", "test")  # each dataset's files, in this order
+ID_TYPES = {"meld": (int, int), "emorynlp": (str, int), "iemocap": (str, str)}  # (dialogue_id, utterance_id)
+IEMOCAP_CODES = {"hap": "happy", "sad": "sad", "neu": "neutral", "ang": "angry", "exc": "excited",
+                 "fru": "frustrated"}
+EMORY_FILE = "emorynlp_{}_final.csv"  # the COSMIC-style CSV (7,551 / 954 / 984 utterances)
 
 MELD_URL = "https://raw.githubusercontent.com/declare-lab/MELD/2d2011b409d3ca2d7e94460cd007d434b1d0a102/data/MELD/"
 MELD_SHA256 = {  # train, dev, test; from shared/data/meld/SOURCE.md
@@ -512,9 +524,8 @@ def fetch_meld(path: Path) -> None:
 
 def convert_meld_annotations(src_json, out_jsonl) -> int:
     """EmotionConflict/Meld-Captioning sorted_annotations.json (MELD test clips "diaX_uttY.mp4") -> descriptions
-    JSONL for data.load_descriptions, written atomically; returns the record count. MissingError, or UserError
+    JSONL for load_descriptions, written atomically; returns the record count. MissingError, or UserError
     naming the file (and record) for a file that is not a JSON list, a record without id or description."""
-    import re
     records = cli.read_json(src_json)
     if not isinstance(records, list):
         raise cli.UserError(f"{src_json}: a JSON {type(records).__name__}; expected a list of annotation records")
@@ -534,3 +545,219 @@ def convert_meld_annotations(src_json, out_jsonl) -> int:
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     cli.atomic_write(out_jsonl, "".join(lines))
     return len(lines)
+
+
+def fix_text(s: str) -> str:
+    """Collapse whitespace runs (line breaks, tabs, double spaces) to one space; strip."""
+    return " ".join(s.split())
+
+def _dialogues(dataset: str, split: str, rows: list[tuple], labels: list[str], sort: bool = True):
+    """(where, dialogue_id, utterance_id, speaker, text, label) rows -> dialogues (lists of utterance dicts).
+    UserError: a label not in `labels`, an id twice."""
+    first = {}
+    groups = collections.defaultdict(list)
+    for where, dialogue_id, utterance_id, speaker, text, label in rows:
+        word = label.strip().lower()
+        if word not in labels:
+            raise cli.UserError(f"{where}: unknown {dataset} label {label!r}; expected one of {labels}")
+        if (dialogue_id, utterance_id) in first:
+            raise cli.UserError(f"{where}: dialogue {dialogue_id} utterance {utterance_id} again "
+                                f"(first at {first[dialogue_id, utterance_id]})")
+        first[dialogue_id, utterance_id] = where
+        utterance = dict(dataset=dataset, split=split, dialogue_id=dialogue_id, utterance_id=utterance_id,
+                         speaker=fix_text(speaker), text=fix_text(text), label=word)
+        groups[dialogue_id].append(utterance)
+    return [sorted(g, key=lambda u: u["utterance_id"]) if sort else g for g in groups.values()]
+
+def load_meld(path: Path, split: str, labels: list[str]) -> list[list[dict]]:
+    """MELD's CSV (Poria et al. 2019) -> dialogues by Dialogue_ID, ordered by Utterance_ID ("Sr No."
+    repeats)."""
+    ints = ("Dialogue_ID", "Utterance_ID")
+    rows = [(where, r[ints[0]], r[ints[1]], r["Speaker"], r["Utterance"], r["Emotion"])
+            for where, r in cli.csv_rows(path, ["Utterance", "Speaker", "Emotion", *ints], ints)]
+    return _dialogues("meld", split, rows, labels)
+
+def load_emorynlp(path: Path, split: str, labels: list[str]) -> list[list[dict]]:
+    """EmoryNLP's COSMIC-style CSV -> dialogues, one per scene ("s01_e15_c01"), ordered by Utterance_ID."""
+    ints = ("Scene_ID", "Utterance_ID", "Season", "Episode")
+    rows = []
+    for where, r in cli.csv_rows(path, ["Utterance", "Speaker", "Emotion", *ints], ints):
+        try:  # a list literal, e.g. "['Joey Tribbiani', 'Ross Geller']"; literal_eval runs no code
+            speakers = ast.literal_eval(r["Speaker"])
+        except (ValueError, SyntaxError):
+            speakers = None
+        if not isinstance(speakers, list) or not all(isinstance(s, str) for s in speakers):
+            raise cli.UserError(f"{where}: Speaker {r['Speaker']!r} is not a list of strings")
+        scene = f"s{r['Season']:02d}_e{r['Episode']:02d}_c{r['Scene_ID']:02d}"
+        rows.append((where, scene, r["Utterance_ID"], ", ".join(speakers), r["Utterance"], r["Emotion"]))
+    return _dialogues("emorynlp", split, rows, labels)
+
+_TRANSCRIPT = re.compile(r"(\S+) \[(\d+\.\d+)-(\d+\.\d+)\]: ?(.*)")
+_SUMMARY = re.compile(r"\[(\d+\.\d+) - (\d+\.\d+)\]\s+(\S+)\s+(\w+)\s+\[\d+\.\d+, \d+\.\d+, \d+\.\d+\]")
+_NOT_SUMMARY = re.compile(r"%|[A-Z]+-[A-Za-z0-9]+:")  # headers "%..." and per-annotator lines "C-E2:", "A-F1:"
+_TURN = re.compile(r".+_([FM])\d{3}")  # Ses01F_impro01_F000; "..._FXX0"-style turns are never evaluated
+
+def _iemocap_lines(path: Path, pattern: re.Pattern, skip: re.Pattern | None = None):
+    """Yield ("file:line", match) per non-blank line of `path` that `skip` does not match; else UserError."""
+    for n, line in enumerate(cli.read_text(path).splitlines(), 1):
+        line = line.strip()
+        if not line or (skip and skip.match(line)):
+            continue
+        m = pattern.fullmatch(line)
+        if not m:
+            raise cli.UserError(f"{path}:{n}: malformed line {line[:80]!r}; expected {pattern.pattern!r}")
+        yield f"{path}:{n}", m
+
+def _iemocap_rows(transcript: Path, skipped: collections.Counter) -> list[tuple]:
+    """One transcription file's rows for _dialogues, labelled by EmoEvaluation/<same name>; speaker =
+    gender. Turns without an evaluation or with a code outside IEMOCAP_CODES are counted in `skipped`."""
+    evaluation = transcript.parents[1] / "EmoEvaluation" / transcript.name
+    codes = {m[3]: m[4] for _, m in _iemocap_lines(evaluation, _SUMMARY, _NOT_SUMMARY)}
+    rows = []
+    for where, m in _iemocap_lines(transcript, _TRANSCRIPT):
+        code = codes.get(m[1])
+        gender = _TURN.fullmatch(m[1])
+        if code is None or not gender:
+            skipped["no evaluation"] += 1
+        elif code not in IEMOCAP_CODES:
+            skipped[f"code {code}"] += 1
+        else:
+            rows.append((where, transcript.stem, m[1], gender[1], m[4], IEMOCAP_CODES[code]))
+    return rows
+
+def load_iemocap(root: Path, labels: list[str]) -> tuple[dict[str, list[list[dict]]], collections.Counter]:
+    """IEMOCAP (Busso et al. 2008) -> ({split: dialogues}, skipped counts), from transcriptions/Ses*.txt.
+    Test: Session 5; dev: the 1st, 11th, ... of Sessions 1-4 by name."""
+    skipped = collections.Counter()
+    splits = {split: [] for split in SPLITS}
+    sessions_1_4 = 0
+    for transcript in sorted(root.glob("Session[1-5]/dialog/transcriptions/Ses*.txt"), key=lambda p: p.stem):
+        split = "test"
+        if not transcript.stem.startswith("Ses05"):
+            split = "dev" if sessions_1_4 % 10 == 0 else "train"
+            sessions_1_4 += 1
+        rows = _iemocap_rows(transcript, skipped)
+        splits[split] += _dialogues("iemocap", split, rows, labels, sort=False)  # none if all were skipped
+    return splits, skipped
+
+def resolve_data_dir(data_dir=None) -> Path:
+    """The data folder: the argument, else $DIALOGUELLM_DATA, else ./data."""
+    return Path(data_dir or os.environ.get("DIALOGUELLM_DATA") or "data")
+
+def dataset_files(dataset: str, root: Path) -> list[Path]:
+    """The files a dataset needs, one per split (IEMOCAP: its five session folders)."""
+    if dataset == "meld":
+        return [root / "meld" / name for name in MELD_SHA256]  # train, dev, test
+    if dataset == "iemocap":
+        return [root / "iemocap/IEMOCAP_full_release" / f"Session{i}" for i in range(1, 6)]
+    tops = [root / "emorynlp" / EMORY_FILE.format(split) for split in SPLITS]
+    nested = [root / "emorynlp/meld_repo_csv" / top.name for top in tops]  # where MELD's repository puts them
+    return [n if n.exists() and not top.exists() else top for top, n in zip(tops, nested)]
+
+def read_split(dataset: str, split: str, data_dir, labels: list[str]) -> list[list[dict]]:
+    """The dialogues of one split of a known dataset, labels checked against `labels`. Missing MELD CSVs
+    are downloaded; other missing files: MissingError."""
+    root = resolve_data_dir(data_dir)
+    if root.exists() and not root.is_dir():
+        raise cli.UsageError(f"--data-dir {root}: not a folder; expected the folder holding {dataset}/")
+    if dataset == "iemocap":
+        missing = [str(p) for p in dataset_files(dataset, root) if not p.is_dir()]
+        if missing:
+            raise cli.MissingError(f"IEMOCAP folders not found: {missing}")
+        splits, skipped = load_iemocap(root / "iemocap/IEMOCAP_full_release", labels)
+        print(f"iemocap: skipped utterances {dict(skipped)}")
+        return splits[split]
+    path = dataset_files(dataset, root)[SPLITS.index(split)]
+    if dataset == "emorynlp":
+        return load_emorynlp(path, split, labels)
+    if not path.exists():
+        fetch_meld(path)
+    return load_meld(path, split, labels)
+
+def datasets_for(name: str, data_dir, datasets: tuple[str, ...]) -> list[str]:
+    """The datasets of a --data value (UsageError for one not in `datasets`); "all": those whose files
+    exist."""
+    if name != "all":
+        names = name.split(",")
+        bad = [n for n in names if n not in datasets]
+        if bad:
+            raise cli.UsageError(f"--data: unknown dataset(s) {bad}; expected {', '.join(datasets)}, a comma "
+                                 "list of them, or all")
+        return names
+    root = resolve_data_dir(data_dir)
+    found = [d for d in datasets if all(p.exists() for p in dataset_files(d, root))]
+    print(f"--data all: using {found}; not found in {root}: {[d for d in datasets if d not in found]}")
+    if not found:
+        raise cli.MissingError(f"--data all: no dataset found in {root}")
+    return found
+
+def _description(r, where: str) -> tuple[tuple, str]:
+    """One descriptions record -> (key, description), or UserError naming `where` and the key at fault."""
+    keys = ("dataset", "split", "dialogue_id", "utterance_id", "description")
+    if not isinstance(r, dict):
+        raise cli.UserError(f"{where}: a JSON {type(r).__name__}; expected an object with {', '.join(keys)}")
+    missing = [k for k in keys if k not in r]
+    if missing:
+        raise cli.UserError(f"{where}: KeyError: missing key(s) {missing}; expected {', '.join(keys)}")
+    if r["dataset"] not in ID_TYPES or r["split"] not in SPLITS:
+        raise cli.UserError(f"{where}: key dataset/split is {r['dataset']!r}/{r['split']!r}; expected one of "
+                            f"{', '.join(ID_TYPES)} / {', '.join(SPLITS)}")
+    for key, kind in zip(("dialogue_id", "utterance_id"), ID_TYPES[r["dataset"]]):
+        if type(r[key]) is not kind:  # "3" or 3.0 for 3 would silently match no utterance
+            raise cli.UserError(f"{where}: key {key!r} is {r[key]!r}; {r['dataset']} ids are {kind.__name__}")
+    if not isinstance(r["description"], str) or not r["description"].strip():
+        raise cli.UserError(f"{where}: key 'description' is {r['description']!r}; expected a non-empty string")
+    return (r["dataset"], r["split"], r["dialogue_id"], r["utterance_id"]), r["description"]
+
+def load_descriptions(path) -> dict[tuple, str]:
+    """JSONL records (vision.py writes them) -> {(dataset, split, dialogue_id, utterance_id): description}.
+    MissingError, or UserError naming file:line for a bad byte, line, record (_description) or a repeated
+    key."""
+    out = {}
+    for where, record in cli.jsonl_records(path):
+        key, description = _description(record, where)
+        if key in out:
+            raise cli.UserError(f"{where}: a second description of {key}; expected one per utterance")
+        out[key] = description
+    return out
+
+# ---------------------------------------------------------------- python data.py: --stats, --convert-descriptions
+
+def stats(args, labels: dict[str, list[str]], token_counts) -> None:
+    """--stats: per split, dialogues, utterances, label counts, prompt + answer length percentiles in tokens.
+    `labels`: data.LABELS; token_counts(tok, dialogues, window, descriptions): data.token_counts."""
+    names = datasets_for(args.data, args.data_dir, tuple(labels))
+    descriptions = load_descriptions(args.descriptions) if args.descriptions else None
+    tok = llama.load_tokenizer(model_dir(args.model))
+    for dataset in names:
+        for split in SPLITS:
+            dialogues = read_split(dataset, split, args.data_dir, labels[dataset])  # missing: MissingError
+            counts = token_counts(tok, dialogues, args.window, descriptions)  # (example, tokens)
+            p50, p90, p99, top = np.percentile([n for _, n in counts], [50, 90, 99, 100]).astype(int)
+            label_counts = collections.Counter(e["label"] for e, _ in counts).most_common()
+            described = sum(e["has_description"] for e, _ in counts)
+            print(f"{dataset} {split}: {len(dialogues)} dialogues, {len(counts)} utterances, "
+                  f"{described} with description\n  labels {dict(label_counts)}")
+            print(f"  tokens (window {args.window}) p50 {p50} p90 {p90} p99 {p99} max {top}")
+
+def data_main(argv, description: str, window: int, labels: dict[str, list[str]], token_counts) -> int:
+    """`python data.py`: --stats (see stats) or --convert-descriptions SRC OUT."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--data", default="meld", help="meld, emorynlp, iemocap, a comma list of them, or all")
+    ap.add_argument("--data-dir", default=None, help="default: $DIALOGUELLM_DATA, else ./data")
+    ap.add_argument("--stats", action="store_true", help="print split sizes, label counts and prompt lengths")
+    ap.add_argument("--model", default="default", help="tokenizer for --stats: 'default' or a model folder")
+    ap.add_argument("--window", type=cli.natural_int, default=window, help="previous utterances in the context")
+    ap.add_argument("--descriptions", default=None, help="descriptions JSONL (for --stats)")
+    ap.add_argument("--convert-descriptions", nargs=2, metavar=("SRC", "OUT"),
+                    help="convert Meld-Captioning sorted_annotations.json to descriptions JSONL")
+    args = ap.parse_args(argv)
+    if args.convert_descriptions:
+        src, out = args.convert_descriptions
+        cli.check_writable(Path(out).parent, "--convert-descriptions OUT")
+        print(f"wrote {convert_meld_annotations(src, out)} descriptions to {out}")
+    elif args.stats:
+        stats(args, labels, token_counts)
+    else:
+        ap.error("nothing to do: give --stats or --convert-descriptions SRC OUT")
+    return 0

@@ -5,9 +5,7 @@ once, the labels reuse its KV cache), so every prediction is a valid label. `--g
 counts an answer that names no label as wrong (DialogueLLM's released code picked a random label instead).
 Metrics follow scikit-learn: weighted F1 weights each class's F1 by its support in y_true."""
 import argparse
-import contextlib
 import json
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,6 +17,7 @@ from tqdm import tqdm
 import cli
 import convert
 import data
+import label as labelling
 import llama
 from convert import load_checkpoint
 
@@ -187,44 +186,9 @@ def calibrated_report(rows: list[dict], bias: dict | None = None, fit: bool = Fa
     res["calibrated"] = bool(res["calibrated_datasets"])
     return res, bias
 
-def pick_label_set(ckpt: dict, name: str | None = None) -> str:
-    """`name`, else the first dataset the checkpoint was trained on; UsageError listing them if not one."""
-    trained = ckpt["config"]["data"]
-    names = list(ckpt.get("labels") or (data.DATASETS if trained == "all" else trained.split(",")))
-    cli.check_names("--label-set", [name or names[0]], names)
-    return name or names[0]
-
-def label_conversations(model, tok, ckpt: dict, conversations: list, label_set: str | None = None,
-                        batch_size: int = 8, progress: bool = False) -> list[dict]:
-    """Label each utterance of `conversations` (see data.check_conversation) as evaluation does: with the
-    checkpoint's window, max_len, template and dev-fitted offsets, and the labels of pick_label_set. One row per
-    utterance, in order: id, index, speaker, text (as given), label, probs {label: softmax of offset scores}."""
-    cfg = ckpt["config"]
-    name = pick_label_set(ckpt, label_set)
-    labels = data.LABELS[name]
-    conversations = [data.check_conversation(c, f"conversation {n}", n) for n, c in enumerate(conversations)]
-    ids = data.label_token_ids(tok, labels)
-    longest = max(labels, key=lambda label: len(ids[label]))  # the gold label is unknown: room for the longest
-    dialogues = [[dict(dataset=name, split="input", dialogue_id=n, utterance_id=i, label=longest,
-                       speaker=data.fix_text(u["speaker"]), text=data.fix_text(u["text"]))
-                  for i, u in enumerate(c["utterances"])] for n, c in enumerate(conversations)]
-    descriptions = {(name, "input", n, i): u.get("description")
-                    for n, c in enumerate(conversations) for i, u in enumerate(c["utterances"])}
-    examples = data.build_examples(dialogues, cfg["window"], descriptions)
-    n_cut = sum(data.cut_to_fit(tok, e, cfg["max_len"]) for e in examples)
-    if n_cut:
-        print(f"warning: cut the start of {n_cut} utterance(s) over max_len {cfg['max_len']}", file=sys.stderr)
-    rows = predict(model, tok, examples, cfg["max_len"], batch_size, progress=progress)
-    bias = (ckpt.get("label_bias") or {}).get(name, [0.0] * len(labels))  # none: trained without calibration
-    calibrate(rows, {name: bias})
-    out = []
-    for r in rows:
-        conversation = conversations[r["dialogue_id"]]
-        u = conversation["utterances"][r["utterance_id"]]
-        shifted = torch.tensor([r["scores"][label] + b for label, b in zip(labels, bias)], dtype=torch.float64)
-        out.append(dict(id=conversation["id"], index=r["utterance_id"], speaker=u["speaker"], text=u["text"],
-                        label=r["pred"], probs=dict(zip(labels, shifted.softmax(0).tolist()))))
-    return out
+def label_conversations(*args, **kwargs) -> list[dict]:
+    """label.py's label_conversations with this file's predict: (model, tok, ckpt, conversations, ...)."""
+    return labelling.label_conversations(predict, *args, **kwargs)
 
 # ---------------------------------------------------------------- the command line
 
@@ -274,29 +238,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         cli.check_names("--data", a.data.split(","), (*data.DATASETS, "all"))
     cli.check_device(a.device)
     return a
-
-LABEL_CHUNK = 512  # utterances labelled, then written, at a time: sorted by length into full batches
-
-def label_main(a: argparse.Namespace) -> None:
-    """--input: labels as JSON lines on stdout, all else on stderr; input checked before the model loads. Labels
-    are written in input order as each chunk of conversations finishes."""
-    cli.check_streams(stdin=a.input == "-")
-    ckpt = cli.read_checkpoint(a.ckpt)
-    cfg = convert.run_config(ckpt, a.ckpt)  # UserError for a config without the keys used here
-    name = pick_label_set(ckpt, a.label_set)
-    conversations = data.read_conversations(a.input, a.format)  # "-": stdin
-    tok = llama.load_tokenizer(convert.model_dir(cfg["model"]))
-    data.check_fits(tok, conversations, data.LABELS[name], cfg["max_len"])
-    print(f"label set: {name} {data.LABELS[name]}", file=sys.stderr)
-    with contextlib.redirect_stdout(sys.stderr):  # stdout holds the labels only
-        model, tok, _ = load_checkpoint(a.ckpt, a.device, ckpt=ckpt)
-
-    def lines(part):
-        with contextlib.redirect_stdout(sys.stderr):
-            rows = label_conversations(model, tok, ckpt, part, name, a.batch_size)
-        return [json.dumps(r) + "\n" for r in rows]
-    parts = list(cli.chunks(conversations, LABEL_CHUNK, weight=lambda c: len(c["utterances"])))
-    cli.stream_lines(parts, lines, "conversations")
 
 def results_dir(a: argparse.Namespace, trained_data: str) -> Path:
     """This evaluation's folder: its name encodes every option that changes the results, so variants never share
@@ -360,7 +301,7 @@ def show_classes(m: dict) -> None:
 def main(argv=None):
     a = parse_args(argv)
     if a.input:
-        return label_main(a)
+        return labelling.main(a, predict)  # label.py: your own conversations
     cfg = dict(data="meld", window=a.window, max_len=data.MAX_LEN)  # --zero-shot
     if a.ckpt:
         ckpt = cli.read_checkpoint(a.ckpt)
@@ -392,10 +333,10 @@ def main(argv=None):
 
 def compare_descriptions(model, tok, a, cfg: dict, rows: list[dict], n_records: int) -> dict:
     """Score the utterances that have a description again without it: the with/without comparison."""
-    described = {(r["dataset"], r["dialogue_id"], r["utterance_id"]) for r in rows if r["described"]}
+    described = {data.utterance_key(r, a.split) for r in rows if r["described"]}
     print(f"{len(described)} of {n_records} descriptions matched an utterance of {a.split}")
-    with_it = [r for r in rows if (r["dataset"], r["dialogue_id"], r["utterance_id"]) in described]
-    keep = lambda e: (e["dataset"], e["dialogue_id"], e["utterance_id"]) in described  # noqa: E731
+    with_it = [r for r in rows if data.utterance_key(r, a.split) in described]
+    keep = lambda e: data.utterance_key(e, a.split) in described  # noqa: E731
     _, without = evaluate(model, tok, a, cfg, None, keep)
     res = {"n": len(described), "with_description": report(with_it), "without": without}
     show("  with it:    ", res["with_description"], a.split)

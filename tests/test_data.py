@@ -73,28 +73,28 @@ def test_csv_is_strict_utf8(tmp_path):
     path = tmp_path / "dev_sent_emo.csv"
     path.write_bytes(b"\xef\xbb\xbfSr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID\r\n"
                      b"1,I\xe2\x80\x99m  fine.,Ross,joy,positive,3,1\r\n2,Yeah.,Rachel,neutral,neutral,3,0\r\n")
-    (d,) = data.load_meld(path, "dev")  # a BOM is removed
+    (d,) = convert.load_meld(path, "dev", data.LABELS["meld"])  # a BOM is removed
     assert [(u["utterance_id"], u["text"]) for u in d] == [(0, "Yeah."), (1, "I’m fine.")]
     path.write_bytes(path.read_bytes().replace(b"\xe2\x80\x99", b"\x92"))  # Windows-1252: not repaired, refused
     with pytest.raises(cli.UserError, match=r"dev_sent_emo.csv:2: byte 0x92 is not UTF-8"):
-        data.load_meld(path, "dev")
+        convert.load_meld(path, "dev", data.LABELS["meld"])
 
 
 def test_csv_errors(tmp_path):
     path = tmp_path / "train_sent_emo.csv"
     path.write_text("Utterance,Speaker,Emotion,Dialogue_ID,Utterance_ID\nHi.,Ross,joy,0,0\nHm.,Ross,happy,0,1\n")
     with pytest.raises(ValueError, match=r"train_sent_emo.csv:3: unknown meld label 'happy'"):
-        data.load_meld(path, "train")
+        convert.load_meld(path, "train", data.LABELS["meld"])
     path.write_text("Utterance,Speaker,Dialogue_ID,Utterance_ID\nHi.,Ross,0,0\n")
     with pytest.raises(ValueError, match=r"train_sent_emo.csv:1: missing column\(s\) \['Emotion'\]"):
-        data.load_meld(path, "train")
+        convert.load_meld(path, "train", data.LABELS["meld"])
     path.write_text("Utterance,Speaker,Emotion,Scene_ID,Utterance_ID,Season,Episode\n"
                     "Hi.,\"__import__('os')\",Joyful,1,1,1,1\n")
     with pytest.raises(ValueError, match=r":2: Speaker .* is not a list of strings"):
-        data.load_emorynlp(path, "train")
+        convert.load_emorynlp(path, "train", data.LABELS["emorynlp"])
     path.write_text("Utterance,Speaker,Emotion,Dialogue_ID,Utterance_ID\nHi.,Ross,joy,0,0\nHm.,Ross,joy,x1,1\n")
     with pytest.raises(ValueError, match=r"train_sent_emo.csv:3: column Dialogue_ID is 'x1'; expected an integer"):
-        data.load_meld(path, "train")
+        convert.load_meld(path, "train", data.LABELS["meld"])
 
 
 def test_negative_window_is_refused():
@@ -116,7 +116,8 @@ def test_meld_download_checks_sha(tmp_path, monkeypatch, capsys):
 
 
 def test_iemocap_fixture():
-    splits, skipped = data.load_iemocap(FIXTURES / "iemocap/IEMOCAP_full_release")
+    root = FIXTURES / "iemocap/IEMOCAP_full_release"
+    splits, skipped = convert.load_iemocap(root, data.LABELS["iemocap"])
     rows = {s: [(u["dialogue_id"], u["utterance_id"], u["speaker"], u["label"]) for d in ds for u in d]
             for s, ds in splits.items()}
     assert rows == {
@@ -152,7 +153,7 @@ def test_iemocap_malformed(tmp_path, folder, line_no, bad, message):
     lines[line_no - 1] = bad
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=rf"Ses01F_impro01.txt:{line_no}: {message}"):
-        data.load_iemocap(root)
+        convert.load_iemocap(root, data.LABELS["iemocap"])
 
 
 def test_datasets_for(tmp_path, capsys):
@@ -183,12 +184,13 @@ GOLDEN = ("Name the emotion of the Input utterance. Answer with one label only.\
 def test_golden_prompt(data_dir):
     dialogue = data.load_split("meld", "train", data_dir)[0]
     (ex,) = [e for e in data.build_examples([dialogue], window=2) if e["utterance_id"] == 4]
-    assert ex["prompt"] == GOLDEN.format(video="") and ex["label"] == "surprise" and not ex["has_description"]
+    assert data.prompt_of(ex) == GOLDEN.format(video="")
+    assert ex["label"] == "surprise" and not ex["has_description"]
     desc = {("meld", "train", 0, 4): "A man in a suit sits across a desk."}
     (ex,) = [e for e in data.build_examples([dialogue], 2, desc) if e["utterance_id"] == 4]
-    assert ex["prompt"] == GOLDEN.format(video="### Video:\nA man in a suit sits across a desk.\n")
+    assert data.prompt_of(ex) == GOLDEN.format(video="### Video:\nA man in a suit sits across a desk.\n")
     assert ex["has_description"]
-    first = data.build_examples([dialogue], 2)[0]["prompt"]
+    first = data.prompt_of(data.build_examples([dialogue], 2)[0])
     assert "### Context:" not in first
     assert first.endswith("### Input:\nChandler: also I was the point person on my company’s transition from the "
                           "KL-5 to GR-6 system.\n### Response:\n")
@@ -203,8 +205,8 @@ def test_label_token_ids_in_context(tok, data_dir):
     ids = data.label_token_ids(tok, data.LABELS["meld"])
     assert ids["neutral"] != tok.encode("neutral")  # the leading-space trap: alone it is "▁neutral"
     for example in data.build_examples(data.load_split("meld", "dev", data_dir)[:3], window=2):
-        full = tok.encode(example["prompt"] + example["label"], bos=True)
-        assert full == tok.encode(example["prompt"], bos=True) + ids[example["label"]]
+        full = tok.encode(data.prompt_of(example) + example["label"], bos=True)
+        assert full == tok.encode(data.prompt_of(example), bos=True) + ids[example["label"]]
         encoded, n_answer = data.encode_example(tok, example, 512)
         assert encoded == full + [tok.eos_id] and n_answer == len(ids[example["label"]]) + 1
         assert encoded.count(tok.bos_id) == 1 and encoded[0] == tok.bos_id
@@ -250,7 +252,7 @@ def test_descriptions(data_dir, tmp_path):
     examples = data.build_examples(data.load_split("meld", "test", data_dir), 2, descriptions)
     assert sum(e["has_description"] for e in examples) == 191
     (ex,) = [e for e in examples if (e["dialogue_id"], e["utterance_id"]) == (233, 4)]
-    assert "### Video:\nIn this video frame, two women" in ex["prompt"]
+    assert "### Video:\nIn this video frame, two women" in data.prompt_of(ex)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(out.read_text().splitlines()[0] + "\n{\"dataset\": \"meld\"}\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: KeyError"):
@@ -271,13 +273,13 @@ def test_header_without_rows(tmp_path):
     path = tmp_path / "dev_sent_emo.csv"
     path.write_text(MELD_HEADER)
     with pytest.raises(cli.UserError, match=r"dev_sent_emo.csv: a header and no rows"):
-        data.load_meld(path, "dev")
+        convert.load_meld(path, "dev", data.LABELS["meld"])
     path.write_text(EMORY_HEADER + "\n")
     with pytest.raises(cli.UserError, match=r"dev_sent_emo.csv: a header and no rows"):
-        data.load_emorynlp(path, "dev")
+        convert.load_emorynlp(path, "dev", data.LABELS["emorynlp"])
     path.write_text("")
     with pytest.raises(cli.UserError, match=r"dev_sent_emo.csv:1: missing column"):
-        data.load_meld(path, "dev")
+        convert.load_meld(path, "dev", data.LABELS["meld"])
 
 
 def test_duplicate_ids_name_both_lines(tmp_path):
@@ -286,10 +288,10 @@ def test_duplicate_ids_name_both_lines(tmp_path):
                     "3,Hey.,Ross,anger,negative,3,0\n")
     with pytest.raises(cli.UserError, match=r"test_sent_emo.csv:4: dialogue 3 utterance 0 again "
                                             r"\(first at \S*test_sent_emo.csv:2\)"):
-        data.load_meld(path, "test")
+        convert.load_meld(path, "test", data.LABELS["meld"])
     path.write_text(EMORY_HEADER + "Hi.,['Ross'],Joyful,1,1,1,2\nHm.,['Ross'],Mad,2,1,1,2\nHo.,['Joey'],Sad,1,1,1,2\n")
     with pytest.raises(cli.UserError, match=r"csv:4: dialogue s01_e02_c01 utterance 1 again \(first at \S*csv:2\)"):
-        data.load_emorynlp(path, "test")
+        convert.load_emorynlp(path, "test", data.LABELS["emorynlp"])
 
 
 def test_iemocap_duplicate_turn(tmp_path):
@@ -301,7 +303,7 @@ def test_iemocap_duplicate_turn(tmp_path):
     message = (rf"Ses01F_impro01.txt:{len(lines) + 1}: dialogue Ses01F_impro01 utterance Ses01F_impro01_F000 again "
                r"\(first at \S*Ses01F_impro01.txt:1\)")
     with pytest.raises(cli.UserError, match=message):
-        data.load_iemocap(root)
+        convert.load_iemocap(root, data.LABELS["iemocap"])
 
 
 def test_unclosed_quote_names_the_record_start(tmp_path):
@@ -310,10 +312,10 @@ def test_unclosed_quote_names_the_record_start(tmp_path):
     path.write_text(MELD_HEADER + "1,Hi.,Ross,joy,positive,0,0\n2,\"Oh no.,Ross,sadness,negative,0,1\n"
                     "3,\"Yes.\",Ross,joy,positive,0,2\n4,Fine.,Ross,joy,positive,0,3\n")
     with pytest.raises(cli.UserError, match=r"train_sent_emo.csv:3: a field holds a line break"):
-        data.load_meld(path, "train")
+        convert.load_meld(path, "train", data.LABELS["meld"])
     path.write_text(EMORY_HEADER + "Hi.,['Ross'],Joyful,1,1,1,2\n\"Oh,['Ross'],Mad,1,2,1,2\nHo.,['Joey'],Sad,1,3,1,2\n")
     with pytest.raises(cli.UserError, match=r"train_sent_emo.csv:3: a field holds a line break"):
-        data.load_emorynlp(path, "train")
+        convert.load_emorynlp(path, "train", data.LABELS["emorynlp"])
 
 
 @pytest.mark.parametrize("record,message", [

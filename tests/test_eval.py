@@ -111,13 +111,13 @@ def examples(labels=LABELS, n=7):
                 for i in range(n)]
     exs = data.build_examples([dialogue], window=2)
     for e in exs:  # another label set: the prompt lists it too
-        e["labels"], e["prompt"] = list(labels), data.make_prompt(e["context"], e["target"], list(labels))
+        e["labels"] = list(labels)  # data.prompt_of writes the new labels into the prompt
     return exs
 
 
 def reference_scores(model, tok, ex, max_len):
     """log P(candidate | prompt) of every label by one full forward of prompt + candidate, no cache, no batching."""
-    prompt = tok.encode(ex["prompt"], bos=True)
+    prompt = tok.encode(data.prompt_of(ex), bos=True)
     assert len(prompt) + 20 < max_len  # nothing truncated
     ids = data.label_token_ids(tok, ex["labels"])
     prefix = any(a != b and b[:len(a)] == a for a in ids.values() for b in ids.values())
@@ -135,7 +135,7 @@ def test_score_mode_picks_highest_log_probability(tiny, labels):
     model, tok = tiny
     exs = examples(labels)
     rows = ev.predict(model, tok, exs, max_len=400, batch_size=4, progress=False)  # batches of unequal lengths
-    assert len({len(tok.encode(e["prompt"])) for e in exs}) > 1
+    assert len({len(tok.encode(data.prompt_of(e))) for e in exs}) > 1
     for ex, row in zip(exs, rows):
         ref = reference_scores(model, tok, ex, 400)
         assert (row["dialogue_id"], row["utterance_id"], row["gold"]) == (ex["dialogue_id"], ex["utterance_id"],
@@ -168,7 +168,7 @@ def test_gold_label_changes_no_prompt(tiny):
     answer = {label: len(ids) + 1 for label, ids in data.label_token_ids(tok, LABELS).items()}  # + EOS
     shortest, longest = min(answer, key=answer.get), max(answer, key=answer.get)
     assert answer[shortest] < answer[longest] and ex["context"]  # else the test could not fail
-    full = len(tok.encode(ex["prompt"], bos=True))
+    full = len(tok.encode(data.prompt_of(ex), bos=True))
     max_len = full + answer[shortest]  # the whole context fits beside the shortest label, not the longest
     short, long = dict(ex, label=shortest), dict(ex, label=longest)
     assert ev.prompt_ids(tok, short, max_len) == ev.prompt_ids(tok, long, max_len)
@@ -197,7 +197,7 @@ def cache_bytes_seen(model, run) -> int:
 def test_scoring_cache_bytes_do_not_grow_with_the_number_of_candidates(tiny):
     """Multi-token candidates attend to the prompt's cache side by side: 2 or 12 candidates, the same cache."""
     model, tok = tiny
-    prompts = [tok.encode(e["prompt"], bos=True) for e in examples(n=3)]
+    prompts = [tok.encode(data.prompt_of(e), bos=True) for e in examples(n=3)]
     words = "sad sadness joy anger surprise neutral fear disgust happy excited frustrated calm".split()
     cands = [tok.encode(w) + [tok.eos_id] for w in words]
     assert min(map(len, cands)) >= 2  # every candidate runs tokens after the prompt
@@ -211,7 +211,7 @@ def test_generate_mode_counts_invalid_answers(tiny):
     exs = examples()
     rows = ev.predict(model, tok, exs, max_len=400, generate=True, progress=False)
     for ex, row in zip(exs, rows):
-        ids = tok.encode(ex["prompt"], bos=True)
+        ids = tok.encode(data.prompt_of(ex), bos=True)
         new = []
         with torch.no_grad():
             for _ in range(8):  # greedy decoding by full forwards, written out independently

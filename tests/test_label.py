@@ -198,7 +198,7 @@ def test_a_real_meld_dev_dialogue_gets_the_labels_of_evaluation(capsys, ckpt, lo
     examples = data.build_examples([dialogue], saved["config"]["window"])
     assert len(examples) >= 5
     for e in examples:  # nothing is truncated, so the gold label's length does not matter
-        assert len(tok.encode(e["prompt"], bos=True)) + 10 < saved["config"]["max_len"]
+        assert len(tok.encode(data.prompt_of(e), bos=True)) + 10 < saved["config"]["max_len"]
     want = ev.predict(model, tok, examples, saved["config"]["max_len"], progress=False)
     ev.calibrate(want, saved["label_bias"])
     got = label_file(capsys, ckpt, tmp_path / "dialogue.csv")

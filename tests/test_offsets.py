@@ -20,6 +20,7 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
+import convert
 import data
 import eval as ev
 import llama
@@ -262,7 +263,7 @@ def make_emorynlp(data_dir: Path, n_scenes=4, n_utterances=4, seed=0) -> Path:
             for u in range(1, n_utterances + 1):
                 text = " ".join(rng.choice(words) for _ in range(rng.randint(2, 8)))
                 lines.append(f"{text},\"['Speaker{u % 2}']\",{rng.choice(EMORY)},{scene},{u},1,1")
-        (data_dir / "emorynlp" / data.EMORY_FILE.format(split)).write_text("\n".join(lines) + "\n")
+        (data_dir / "emorynlp" / convert.EMORY_FILE.format(split)).write_text("\n".join(lines) + "\n")
     return data_dir
 
 
