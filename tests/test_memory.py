@@ -155,3 +155,19 @@ def test_dev_evaluation_shrinks_its_batch_to_fit_and_dry_run_shows_its_peak(tmp_
     out = capsys.readouterr().out
     assert f"dev scoring in batches of {batch} prompts" in out
     assert f"{peak(batch) / 2 ** 30:8.3f} GiB  evaluation peak" in out
+
+
+@pytest.mark.parametrize("targets", ["wq,wv", "wq,wk,wv,wo,w1,w2,w3"])
+def test_a_checkpointed_block_keeps_what_the_plan_counts(targets):
+    """With checkpointing, the forward keeps only each checkpointed block's input (B, T, dim): one more block
+    adds exactly what the plan adds for it (a 3-layer minus a 2-layer model, every block checkpointed)."""
+    B, T, saved, planned = 4, 64, [], []
+    for n_layers in (2, 3):
+        model = tiny_model(hidden_size=128, intermediate_size=352, num_attention_heads=4, num_key_value_heads=2,
+                           num_hidden_layers=n_layers)
+        lora.apply_lora(model, targets.split(","), 8, 16, 0.05, verbose=False)
+        model.checkpointing = n_layers
+        saved.append(saved_bytes(model.train(), torch.randint(3, 512, (B, T))))
+        planned.append(plan(model.args, ["--device", "cpu", "--dtype", "float32", "--targets", targets,
+                                         "--batch-size", str(B), "--max-len", str(T), "--grad-ckpt", "all"]))
+    assert saved[1] - saved[0] == planned[1]["activations"] - planned[0]["activations"] == B * T * 128 * 4
