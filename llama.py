@@ -1,4 +1,5 @@
-"""LLaMA-family decoder in plain PyTorch: model, KV cache, generation, label scoring, loading, tokenizers.
+"""LLaMA-family decoder in plain PyTorch: model, KV cache, generation, label scoring, loading; the
+tokenizers are in tokenizer.py.
 
 Follows LLaMA (Touvron et al. 2023, arXiv 2302.13971, 2307.09288, section 2) and Meta's `model.py`: pre-norm
 RMSNorm, rotary embedding (half-split, as the Hugging Face folders it loads), grouped-query attention, SwiGLU.
@@ -14,8 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cli
-
-FOLDER = "a Hugging Face LLaMA folder with config.json, *.safetensors and tokenizer.model or tokenizer.json"
+from tokenizer import FOLDER, Tokenizer, load_tokenizer  # noqa: F401 (callers use llama.load_tokenizer)
 
 @dataclass
 class ModelArgs:
@@ -378,7 +378,7 @@ def read_tensors(path: Path, files: list[str], want: dict[str, str], args: Model
                     unexpected.append(key)
     return state, unexpected
 
-def load(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[Transformer, "Tokenizer"]:
+def load(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[Transformer, Tokenizer]:
     """(Transformer in eval mode, Tokenizer) from a FOLDER: model.safetensors or the shards of its index.json,
     built on the meta device and assigned in `dtype`, no float32 detour (as gpt-fast). Stored rotary inv_freq
     buffers are checked against config.json and dropped (check_rope_buffer). cli.MissingError for a missing
@@ -410,40 +410,3 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[Tr
     if tied:
         model.output.weight = model.tok_embeddings.weight
     return model.eval(), load_tokenizer(path)
-
-# ---------------------------------------------------------------- tokenizers
-class Tokenizer:
-    """sentencepiece `tokenizer.model` (LLaMA-1/2) or `tokenizer.json` (LLaMA-3, SmolLM2); BOS/EOS only when
-    asked. pad_id falls back to eos_id (losses and scores use masks). cli.MissingError without either file."""
-    def __init__(self, path: str | os.PathLike):
-        path = Path(path)
-        self.sp = None
-        if (path / "tokenizer.model").exists():
-            import sentencepiece
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
-            self.vocab_size = self.sp.vocab_size()
-            cfg = dict(bos_token_id=self.sp.bos_id(), eos_token_id=self.sp.eos_id(),
-                       pad_token_id=self.sp.pad_id())  # the names config.json uses
-        elif (path / "tokenizer.json").exists():
-            from tokenizers import Tokenizer as HFTokenizer
-            self.hf = HFTokenizer.from_file(str(path / "tokenizer.json"))
-            self.vocab_size = self.hf.get_vocab_size()
-            cfg = cli.read_json(path / "config.json") if (path / "config.json").exists() else {}
-        else:
-            raise cli.MissingError(f"{path}: neither tokenizer.model nor tokenizer.json; expected {FOLDER}")
-        self.bos_id = cfg.get("bos_token_id")
-        eos = cfg.get("eos_token_id")
-        self.eos_id = eos[0] if isinstance(eos, list) else eos
-        pad = cfg.get("pad_token_id")
-        self.pad_id = pad if pad is not None and pad >= 0 else self.eos_id
-
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = self.sp.encode(text) if self.sp else self.hf.encode(text, add_special_tokens=False).ids
-        bos_ids = [self.bos_id] if bos and self.bos_id is not None else []  # a model without BOS starts bare
-        return bos_ids + ids + ([self.eos_id] if eos else [])
-
-    def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(ids) if self.sp else self.hf.decode(ids, skip_special_tokens=True)
-
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    return Tokenizer(path)
