@@ -1,6 +1,7 @@
-"""The two LLaMA tokenizers: sentencepiece `tokenizer.model` (LLaMA-1/2) and Hugging Face `tokenizer.json`
-(LLaMA-3, SmolLM2), behind one encode/decode. Kept apart from the model, as Meta's llama repository
-(`llama/tokenizer.py`) and gpt-fast (`tokenizer.py`) keep theirs; llama.load returns one beside the model."""
+"""The two LLaMA tokenizers: sentencepiece `tokenizer.model` (LLaMA-1/2) and Hugging Face
+`tokenizer.json` (LLaMA-3, SmolLM2), behind one encode/decode. Kept apart from the model, as Meta's
+llama repository (`llama/tokenizer.py`) and gpt-fast (`tokenizer.py`) keep theirs; llama.load
+returns one beside the model."""
 import os
 from pathlib import Path
 
@@ -9,8 +10,9 @@ import cli
 FOLDER = "a Hugging Face LLaMA folder with config.json, *.safetensors and tokenizer.model or tokenizer.json"
 
 class Tokenizer:
-    """sentencepiece `tokenizer.model` (LLaMA-1/2) or `tokenizer.json` (LLaMA-3, SmolLM2); BOS/EOS only when
-    asked. pad_id falls back to eos_id (losses and scores use masks). cli.MissingError without either file."""
+    """sentencepiece `tokenizer.model` (LLaMA-1/2) or `tokenizer.json` (LLaMA-3, SmolLM2); BOS/EOS
+    only when asked. pad_id falls back to eos_id (losses and scores use masks). cli.MissingError
+    without either file."""
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
         self.sp = None
@@ -35,7 +37,8 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.sp.encode(text) if self.sp else self.hf.encode(text, add_special_tokens=False).ids
-        bos_ids = [self.bos_id] if bos and self.bos_id is not None else []  # a model without BOS starts bare
+        # a model without BOS starts bare
+        bos_ids = [self.bos_id] if bos and self.bos_id is not None else []
         return bos_ids + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: list[int]) -> str:
