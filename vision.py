@@ -1,8 +1,10 @@
-"""Visual knowledge for DialogueLLM (Zhang et al. 2023, arXiv 2310.11374): a vision-language chat model describes
-what is visible in a few PyAV frames of each MELD clip, sent as JPEGs to an OpenAI-compatible endpoint, and never an
-emotion (that would hand over the label). One JSON line per utterance goes to the file data.load_descriptions reads.
-    python vision.py --videos MELD.Raw --split train --out d.jsonl --endpoint http://127.0.0.1:8080/v1 --model
-    M"""
+"""Visual knowledge for DialogueLLM (Zhang et al. 2023, arXiv 2310.11374): a vision-language chat model
+describes what is visible in a few PyAV frames of each MELD clip, sent as JPEGs to an OpenAI-compatible
+endpoint, and never an emotion (that would hand over the label). One JSON line per utterance goes to
+the file data.load_descriptions reads:
+
+    python vision.py --videos MELD.Raw --split train --out d.jsonl \\
+        --endpoint http://127.0.0.1:8080/v1 --model M"""
 import argparse
 import base64
 import json
