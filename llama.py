@@ -36,8 +36,7 @@ class ModelArgs:
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelArgs":
-        """From HF config.json; rope: `rope_theta` + `rope_scaling`, or `rope_parameters` (HF 5);
-        KeyError."""
+        """From HF config.json (rope: rope_theta + rope_scaling, or HF 5's rope_parameters)."""
         rope = cfg.get("rope_parameters") or {}
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
@@ -59,8 +58,7 @@ class ModelArgs:
                    rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)), rope_scaling=scaling)
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 and cast back (LLaMA section 2.2; HF
-    LlamaRMSNorm)."""
+    """x / rms(x) * weight, in float32 and cast back (LLaMA section 2.2; HF LlamaRMSNorm)."""
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -72,8 +70,7 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * inv_rms).to(x.dtype)
 
 def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
-    """Inverse frequencies (D/2,) float32; Llama 3.1 scaling if configured (HF
-    _compute_llama3_parameters)."""
+    """Inverse frequencies (D/2,) float32, Llama 3.1 scaled if configured (as HF computes them)."""
     exponents = torch.arange(0, args.head_dim, 2, device=device, dtype=torch.float32) / args.head_dim
     inv = 1.0 / args.rope_theta ** exponents
     s = args.rope_scaling
@@ -89,8 +86,7 @@ def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
     return torch.where(mid, (1 - smooth) * inv / s["factor"] + smooth * inv, scaled)
 
 def apply_rope(x, cos, sin):
-    """Rotate (B, H, T, D) by angles given as cos/sin (B, 1, T, D/2); half-split pairs (i, i +
-    D/2)."""
+    """Rotate (B, H, T, D) by angles as cos/sin (B, 1, T, D/2); half-split pairs (i, i + D/2)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -142,8 +138,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x, cos, sin, attn_mask, past_k=None, past_v=None):
-        """Output (B, T, C) and all keys and values (B, K, S, D): the past ones (B or 1 rows), then
-        these."""
+        """Output (B, T, C) and all keys and values (B, K, S, D): past (B or 1 rows), then new."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
@@ -256,8 +251,7 @@ class Transformer(nn.Module):
 LAST = (slice(None), -1)  # logits_at for the last position of every row
 @torch.inference_mode()
 def generate(model, prompt: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
-    """Greedy new ids with the KV cache (Meta's generation.py at temperature 0); stops after eos_id,
-    kept."""
+    """Greedy new ids with the KV cache (Meta's generation.py at temperature 0), up to eos_id."""
     device = model.tok_embeddings.weight.device
     cache = KVCache(model.args.n_layers)
     x = torch.tensor([prompt], device=device)  # (1, T), then (1, 1) per new token
@@ -272,8 +266,7 @@ def generate(model, prompt: list[int], max_new_tokens: int, eos_id: int | None =
     return out
 
 def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids (N, L) int64 right-padded with pad_id, and their mask (N, L) bool; L is the longest
-    length."""
+    """Ids (N, L) int64 right-padded with pad_id and their mask (N, L) bool; L the longest."""
     ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, device=device)
     mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)
     for i, s in enumerate(seqs):
@@ -283,8 +276,7 @@ def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
 
 @torch.inference_mode()
 def prefill(model, ids: list[int]) -> KVCache:
-    """The one-row KV cache of `ids`: a prefix that many prompts share, run once
-    (score_continuations' prefix)."""
+    """The one-row KV cache of `ids`, a prefix many prompts share (score_continuations' prefix)."""
     cache = KVCache(model.args.n_layers)
     x = torch.tensor([ids], device=model.tok_embeddings.weight.device)  # (1, P)
     model(x, cache=cache, logits_at=LAST)  # the head at one position only: its output is not used
@@ -350,8 +342,7 @@ HF_NAMES = {"tok_embeddings": "model.embed_tokens", "output": "lm_head", "attent
             "feed_forward.w3": "mlp.up_proj", "ffn_norm": "post_attention_layernorm", "norm": "model.norm"}
 
 def ours_to_hf(name: str) -> str:
-    """'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight'; KeyError if
-    none."""
+    """'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight'; KeyError."""
     module, _, tensor = name.rpartition(".")  # tensor: weight, or lora_A / lora_B of an adapter
     if module.startswith("layers."):
         _, i, part = module.split(".", 2)
@@ -359,8 +350,7 @@ def ours_to_hf(name: str) -> str:
     return f"{HF_NAMES[module]}.{tensor}"
 
 def read_args(path: str | os.PathLike) -> ModelArgs:
-    """ModelArgs of a model folder's config.json; cli.UserError naming the file if it is not a LLaMA
-    config."""
+    """ModelArgs of a folder's config.json; cli.UserError naming the file if it is not LLaMA's."""
     file = Path(path) / "config.json"
     cfg = cli.read_json(file)
     try:

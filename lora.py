@@ -89,8 +89,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """Fold the update into the base weight (in float32, then cast back); forward skips the
-        branch."""
+        """Fold the update into the base weight (float32, cast back); forward skips the branch."""
         if not self.merged:
             self.weight.copy_((self.weight.float() + self.delta()).to(self.weight.dtype))
             self.merged = True
@@ -105,8 +104,7 @@ class LoRALinear(nn.Module):
 SHARED_INPUT = (("wq", "wk", "wv"), ("w1", "w3"))
 
 def shared_inputs(layers: list[tuple[nn.Module, str]]) -> dict[tuple[nn.Module, tuple], list[str]]:
-    """Group (module, target name) pairs by the tensor the targets read: {(module, group):
-    [names]}."""
+    """(module, target) pairs grouped by the tensor they read: {(module, group): [names]}."""
     groups = {}
     for module, name in layers:
         group = next((g for g in SHARED_INPUT if name in g), (name,))
@@ -138,13 +136,11 @@ def apply_lora(model, targets=("wq", "wv"), r=8, lora_alpha=16, dropout=0.0, ver
     return model
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapter tensors: {'layers.0.attention.wq.lora_A': (r, in), '...lora_B': (out, r)},
-    float32."""
+    """The adapter tensors, float32: {'layers.0.attention.wq.lora_A': (r, in), ...}."""
     return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
 
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where) -> None:
-    """Load adapter tensors into a model that has had apply_lora; cli.UserError naming `where` on a
-    misfit."""
+    """Load adapter tensors into a model after apply_lora; cli.UserError naming `where`."""
     try:
         # base weights are not in `state`
         missing, unexpected = model.load_state_dict(state, strict=False)

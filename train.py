@@ -139,8 +139,7 @@ def parse_config(argv=None) -> tuple[Config, argparse.Namespace]:
 # ---------------------------------------------------------------- set-up
 
 def setup_distributed(cfg: Config) -> tuple[int, int]:
-    """(world size, rank) from torchrun's environment; joins the process group when there are
-    several."""
+    """(world size, rank) from torchrun's environment; joins the process group if several."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     if cfg.grad_accum % world:
@@ -192,8 +191,7 @@ def load_data(cfg: Config, tok, log):
     return names, dev, encoded, per_epoch, total
 
 def count_steps(cfg: Config, n_train: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, total steps); UserError when the data or the schedule gives no
-    step."""
+    """(optimizer steps per epoch, total steps); UserError if the data or schedule give no step."""
     per_epoch = math.ceil(n_train / cfg.batch_size) // cfg.grad_accum
     if per_epoch == 0:
         raise cli.UserError(f"{n_train} training examples make no optimizer step of --batch-size {cfg.batch_size}"
@@ -204,8 +202,7 @@ def count_steps(cfg: Config, n_train: int) -> tuple[int, int]:
     return per_epoch, total
 
 def make_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
-    """Length-grouped batches: shuffle, sort within chunks of 64 batches by length, cut, shuffle the
-    batches."""
+    """Length-grouped batches: shuffle, sort chunks of 64 batches by length, cut, shuffle."""
     rng = random.Random(seed)
     order = list(range(len(lengths)))
     rng.shuffle(order)
@@ -231,23 +228,20 @@ def collate(encoded: list[tuple[list[int], int]], pad_id: int, device):
     return x.to(device), predicting(answer).to(device), targets.to(device)
 
 def predicting(at: torch.Tensor) -> torch.Tensor:
-    """The next-token shift, in one place: the positions (B, T) bool whose next token is marked in
-    `at`."""
+    """The next-token shift, in one place: the positions (B, T) bool whose next token `at` marks."""
     return torch.cat([at[:, 1:], torch.zeros_like(at[:, :1])], dim=1)
 
 # ---------------------------------------------------------------- the loop
 
 def get_lr(step: int, total: int, lr: float, warmup: int) -> float:
-    """Linear warmup from lr/warmup to lr over `warmup` steps, then cosine decay to lr/10 at
-    `total`."""
+    """Linear warmup from lr/warmup to lr over `warmup` steps, then cosine to lr/10 at `total`."""
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 def stopped(cfg: Config, problem: str, step: int) -> cli.UserError:
-    """The error that stops a run gone non-finite; it names the last good checkpoint only if there
-    is one."""
+    """The error stopping a non-finite run, naming the last good checkpoint if there is one."""
     last = Path(cfg.out) / "ckpt_last.pt"
     kept = f"keeping the last good checkpoint {last}" if last.exists() else "no checkpoint was written yet"
     return cli.UserError(f"{problem} at step {step + 1}; stopped, {kept}")
@@ -300,8 +294,7 @@ def seed_dropout(cfg: Config, step: int, j: int) -> None:
     torch.manual_seed(cfg.seed * 1_000_003 + micro_batch)
 
 def micro_batch_loss(model, batch: list[tuple[list[int], int]], run: Run) -> torch.Tensor:
-    """answer_loss of one micro-batch, its logits from forward_shared (the shared header run
-    once)."""
+    """answer_loss of one micro-batch, its logits from forward_shared (the header run once)."""
     x, where, targets = collate(batch, run.pad_id, run.cfg.device)
     device_type = torch.device(run.cfg.device).type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=run.cfg.dtype == "bfloat16"):
@@ -374,8 +367,7 @@ def dev_checkpoint(model, tok, dev, run: Run, names, batch: int, meta: dict, row
     return max(best, res["weighted_f1"])
 
 def save(path: Path, meta: dict, model, **extra) -> None:
-    """Write the adapter with everything needed to rebuild the run, after checking that it is
-    finite."""
+    """Write the adapter, checked finite, with everything needed to rebuild the run."""
     adapter = lora.lora_state_dict(model)
     if not all(torch.isfinite(t).all() for t in adapter.values()):
         raise cli.UserError(f"the adapter is not finite; {path} not written")

@@ -31,12 +31,10 @@ PROMPT = ("You are an expert in nonverbal behaviour. The {n} images are frames, 
           "gaze, gestures and posture, and the scene. Describe only what is visible; do not name or guess an emotion.")
 
 class VideoError(Exception):
-    """A clip that cannot be read: empty, without a video stream, truncated or corrupt. The message
-    names it."""
+    """A clip that cannot be read (empty, no video, truncated, corrupt); the message names it."""
 
 class CaptionError(Exception):
-    """The endpoint gave no description (after the retries that make sense). The message never holds
-    the key."""
+    """The endpoint gave no description (after retries); the message never holds the key."""
 
 def sample_frames(path, n: int, max_seconds: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
     """The frames on screen at the middles of n equal slices of the clip's first max_seconds (some
@@ -93,8 +91,7 @@ class Captioner:
     backoff: float = 2.0
 
     def describe(self, frames: np.ndarray, text: str = "", speaker: str = "") -> str:
-        """frames uint8 RGB (N, H, W, 3) of one clip, its utterance and speaker -> description.
-        Raises CaptionError."""
+        """frames uint8 RGB (N, H, W, 3) of a clip, its utterance and speaker -> description."""
         content = [{"type": "text", "text": PROMPT.format(n=len(frames), speaker=speaker or "the speaker", text=text)}]
         content += [{"type": "image_url", "image_url": {"url": jpeg_url(frame)}} for frame in frames]
         body = {"model": self.model, "max_tokens": 256, "temperature": 0.0,
@@ -123,8 +120,7 @@ class Captioner:
         raise CaptionError(f"{reason} (after {self.retries + 1} tries)")
 
 def describe_split(args: argparse.Namespace) -> dict[str, int]:
-    """Append each clip's description to args.out; print and return the counts. UserError if the
-    endpoint fails."""
+    """Append each clip's description to args.out; print, return counts; UserError on failure."""
     split_dir = args.videos / SPLIT_DIRS[args.split]  # when --videos is MELD.Raw itself
     videos = split_dir if split_dir.is_dir() else args.videos
     cli.drop_torn_line(args.out)  # a killed run's unfinished last line
