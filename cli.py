@@ -10,6 +10,7 @@ its traceback. DIALOGUELLM_DEBUG=1 shows the traceback of user errors too.
 import argparse
 import atexit
 import csv
+import dataclasses
 import errno
 import fcntl
 import io
@@ -162,6 +163,12 @@ def fraction(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
     return value
+
+def blocks(value: str) -> str:
+    """--grad-ckpt: auto, all, none, or a number of blocks (the first ones are checkpointed)."""
+    if value in ("auto", "all", "none") or value.isdigit():
+        return value
+    raise argparse.ArgumentTypeError(f"expected auto, all, none or a number of blocks, got {value!r}")
 
 def boolean(text: str) -> bool:
     """Strict: true/false, yes/no, 1/0 (any case); anything else is an error, never a silent False."""
@@ -326,6 +333,20 @@ def keep_log_rows(path: Path, step: int) -> None:
     if torn:
         print(f"{path}: dropped {torn} torn or blank line(s)", file=sys.stderr)
     atomic_write(path, "".join(kept))
+
+def saved_config(state: dict, a: argparse.Namespace, config_type) -> dict:
+    """train.py --resume: the config a checkpoint was trained with, its out the checkpoint's folder (a
+    copy resumes in itself). UsageError if other run flags were given (a resumed run is the saved run),
+    UserError naming fields config_type (train.Config) does not know."""
+    names = [f.name for f in dataclasses.fields(config_type)]
+    given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(config_type)
+             if getattr(a, f.name) != f.default]
+    if given or a.overwrite:
+        raise UsageError(f"--resume continues the saved run with its saved config; drop {given or '--overwrite'}")
+    unknown = sorted(set(state["config"]) - set(names))
+    if unknown:
+        raise UserError(f"{a.resume}: its config has fields {unknown} that this train.py does not know")
+    return dict(state["config"], out=str(Path(a.resume).parent))
 
 # ---------------------------------------------------------------- signals: stop after this step
 

@@ -82,17 +82,11 @@ RECIPES = {
 }
 DTYPES = ("auto", "float32", "bfloat16")
 
-def blocks_flag(value: str) -> str:
-    """--grad-ckpt: auto, all, none, or a number of blocks (the first ones are checkpointed)."""
-    if value in ("auto", "all", "none") or value.isdigit():
-        return value
-    raise argparse.ArgumentTypeError(f"expected auto, all, none or a number of blocks, got {value!r}")
-
 # How each flag is read; a field not listed is a string.
 FLAG_TYPES = dict(window=cli.natural_int, max_len=cli.positive_int, r=cli.positive_int, lora_alpha=cli.positive_float,
                   dropout=cli.fraction, lr=cli.positive_float, warmup=cli.natural_int, epochs=cli.positive_float,
                   batch_size=cli.positive_int, grad_accum=cli.positive_int, weight_decay=cli.fraction,
-                  grad_clip=cli.positive_float, grad_ckpt=blocks_flag, max_steps=cli.natural_int,
+                  grad_clip=cli.positive_float, grad_ckpt=cli.blocks, max_steps=cli.natural_int,
                   gpu_mem=cli.positive_float, eval_every=cli.natural_int, dev_limit=cli.positive_int,
                   calibrate=cli.boolean, save_every=cli.positive_int, seed=cli.natural_int)
 RUN_FILES = ("ckpt.pt", "ckpt_last.pt", "metrics.jsonl")
@@ -373,19 +367,6 @@ def save(path: Path, meta: dict, model, **extra) -> None:
         raise cli.UserError(f"the adapter is not finite; {path} not written")
     cli.atomic_write(path, dict(meta, lora=adapter, **extra))
 
-def saved_config(state: dict, a: argparse.Namespace) -> Config:
-    """The Config a checkpoint was trained with. UsageError if other run flags were given (a resumed
-    run is the saved run), UserError naming fields this train.py does not know."""
-    given = [f"--{f.name.replace('_', '-')}" for f in fields(Config) if getattr(a, f.name) != f.default]
-    if given or a.overwrite:
-        raise cli.UsageError(f"--resume continues the saved run with its saved config; drop {given or '--overwrite'}")
-    unknown = sorted(set(state["config"]) - {f.name for f in fields(Config)})
-    if unknown:
-        raise cli.UserError(f"{a.resume}: its config has fields {unknown} that this train.py does not know")
-    # where the run is now: a copy resumes in itself
-    saved = dict(state["config"], out=str(Path(a.resume).parent))
-    return with_recipe(Config(**saved))  # a field added since it was saved takes the recipe's value
-
 def resume(state: dict, model, opt, out: Path, main_proc: bool) -> tuple[int, float]:
     """Load a ckpt_last.pt's adapter and optimizer state; drop the log rows of steps after it:
     (step, best). No RNG state is needed: lr and dropout masks are functions of the step, and the
@@ -406,7 +387,7 @@ def main(argv=None):
         return convert.export(a.src, a.export_peft, a.export_merged, a.dtype, a.shard_size, a.overwrite)
     state = cli.read_checkpoint(a.resume, RESUME_KEYS) if a.resume else None
     if state:  # a resumed run is the saved run: same config, so the same batches and schedule
-        cfg = saved_config(state, a)
+        cfg = with_recipe(Config(**cli.saved_config(state, a, Config)))  # new fields: the recipe's
     if a.dry_run:
         return memory.print_plan(cfg)
     cli.check_device(cfg.device)
