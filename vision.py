@@ -1,8 +1,7 @@
-"""Visual knowledge for DialogueLLM (Zhang et al. 2023, arXiv 2310.11374): a vision-language chat model
-describes what is visible in a few PyAV frames of each MELD clip, sent as JPEGs to an OpenAI-compatible
-endpoint, and never an emotion (that would hand over the label). One JSON line per utterance goes to
-the file data.load_descriptions reads:
-
+"""Visual knowledge for DialogueLLM (Zhang et al. 2023, arXiv 2310.11374): a vision-language chat
+model describes what is visible in a few PyAV frames of each MELD clip (JPEGs sent to an
+OpenAI-compatible endpoint), never an emotion (that would hand over the label), one JSON line per
+utterance for data.load_descriptions:
     python vision.py --videos MELD.Raw --split train --out d.jsonl \\
         --endpoint http://127.0.0.1:8080/v1 --model M"""
 import argparse
@@ -23,8 +22,7 @@ from tqdm import tqdm
 import cli
 import data
 
-# then the endpoint is at fault, not a clip: stop rather than fail every clip
-MAX_FAILURES_IN_A_ROW = 3
+MAX_FAILURES_IN_A_ROW = 3  # then the endpoint is at fault, not a clip: stop
 SPLIT_DIRS = {"train": "train_splits", "dev": "dev_splits_complete", "test": "output_repeated_splits_test"}
 PROMPT = ("You are an expert in nonverbal behaviour. The {n} images are frames, in time order, from a TV-series clip "
           'in which {speaker} says: "{text}". In two or three sentences, describe {speaker}\'s facial expression, '
@@ -37,10 +35,9 @@ class CaptionError(Exception):
     """The endpoint gave no description (after retries); the message never holds the key."""
 
 def sample_frames(path, n: int, max_seconds: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
-    """The frames on screen at the middles of n equal slices of the clip's first max_seconds (some
-    mis-cut MELD clips run for minutes) -> times float64 (k,), seconds from the stream start,
-    strictly increasing; frames uint8 RGB (k, H, W, 3). k < n for a short clip (no frame twice) or a
-    damaged one (frames before damage kept). VideoError."""
+    """Frames at the middles of n equal slices of the clip's first max_seconds (some MELD clips run
+    for minutes) -> times float64 (k,), seconds from the stream start, increasing; frames uint8 RGB
+    (k, H, W, 3); k < n for a short or damaged clip (no frame twice). VideoError."""
     times, frames = [], []
     try:
         with av.open(str(path)) as container:
@@ -51,15 +48,12 @@ def sample_frames(path, n: int, max_seconds: float = 60.0) -> tuple[np.ndarray, 
             start = float((stream.start_time or 0) * stream.time_base)
             for i in range(n):
                 target = start + (i + 0.5) * span / n
-                # lands on the keyframe before
-                container.seek(int(target / stream.time_base), stream=stream)
+                container.seek(int(target / stream.time_base), stream=stream)  # keyframe before
                 picked = None
-                # decode forward to the last frame at or before target
-                for frame in container.decode(stream):
+                for frame in container.decode(stream):  # forward to the last frame <= target
                     if picked is not None and frame.time > target + 1e-6:
                         break
                     picked = frame
-                # short clips: not twice
                 if picked is not None and (not times or picked.time - start > times[-1]):
                     times.append(picked.time - start)
                     frames.append(picked.to_ndarray(format="rgb24"))
@@ -80,9 +74,8 @@ def jpeg_url(rgb: np.ndarray) -> str:
 
 @dataclass
 class Captioner:
-    """Client of an OpenAI-compatible endpoint, the key sent as a Bearer token and never shown.
-    Timeouts, refused connections and 5xx are retried `retries` times after backoff, 2 * backoff,
-    ... seconds; a 4xx is not."""
+    """Client of an OpenAI-compatible endpoint, the key a Bearer token never shown. Timeouts, refused
+    connections and 5xx are retried `retries` times after backoff, 2 * backoff, ... s; a 4xx is not."""
     url: str
     model: str
     key: str = field(default="", repr=False)
@@ -107,13 +100,11 @@ class Captioner:
                 if not description:
                     raise CaptionError("an empty description")
                 return description
-            # before OSError, which it is; the body may echo the key: not shown
-            except urllib.error.HTTPError as e:
+            except urllib.error.HTTPError as e:  # an OSError; its body may echo the key: not shown
                 reason = f"HTTP {e.code} {e.reason}"
                 if e.code < 500:
                     raise CaptionError(reason) from None
-            # refused, unreachable, reset, timed out (URLError wraps the socket's error)
-            except OSError as e:
+            except OSError as e:  # refused, unreachable, reset, timed out (URLError wraps these)
                 reason = "timeout" if isinstance(getattr(e, "reason", e), TimeoutError) else f"connection: {e}"
             except (ValueError, LookupError, TypeError, AttributeError):
                 raise CaptionError("a reply without a description (not chat-completions JSON)") from None
@@ -149,8 +140,7 @@ def describe_split(args: argparse.Namespace) -> dict[str, int]:
                     continue
                 in_a_row = 0
                 record = dict(zip(["dataset", "split", "dialogue_id", "utterance_id"], ids), description=description)
-                # every finished line is on disk for a rerun to skip
-                print(json.dumps(record), file=f, flush=True)
+                print(json.dumps(record), file=f, flush=True)  # on disk for a rerun to skip
                 counts["described"] += 1
     finally:  # on Ctrl-C and a failing endpoint too
         print(f"{args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (clips in {videos})")
