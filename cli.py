@@ -334,6 +334,29 @@ def keep_log_rows(path: Path, step: int) -> None:
         print(f"{path}: dropped {torn} torn or blank line(s)", file=sys.stderr)
     atomic_write(path, "".join(kept))
 
+# How each of train.py's Config flags is read; a field not listed is a string.
+TRAIN_FLAG_TYPES = dict(window=natural_int, max_len=positive_int, r=positive_int, lora_alpha=positive_float,
+                  dropout=fraction, lr=positive_float, warmup=natural_int, epochs=positive_float,
+                  batch_size=positive_int, grad_accum=positive_int, weight_decay=fraction,
+                  grad_clip=positive_float, grad_ckpt=blocks, max_steps=natural_int,
+                  gpu_mem=positive_float, eval_every=natural_int, dev_limit=positive_int,
+                  calibrate=boolean, save_every=positive_int, seed=natural_int)
+
+def train_parser(description: str, config_type) -> argparse.ArgumentParser:
+    """train.py's flags: one per field of config_type (train.Config), then the run's other flags."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(config_type):
+        p.add_argument("--" + f.name.replace("_", "-"), type=TRAIN_FLAG_TYPES.get(f.name, str), default=f.default)
+    p.add_argument("--resume", metavar="CKPT", help="ckpt_last.pt to continue, with its saved config")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    p.add_argument("--dry-run", action="store_true", help="print the memory plan (memory_plan) and exit")
+    p.add_argument("--export-peft", metavar="DIR", help="write the adapter of --from as a Hugging Face peft adapter")
+    p.add_argument("--export-merged", metavar="DIR", help="write --from merged into a full Hugging Face checkpoint")
+    p.add_argument("--from", dest="src", metavar="CKPT", help="the checkpoint to export")
+    p.add_argument("--shard-size", type=positive_float, metavar="GB",
+                   help="--export-merged: the most gigabytes per safetensors shard (default 5, as the Hub)")
+    return p
+
 def saved_config(state: dict, a: argparse.Namespace, config_type) -> dict:
     """train.py --resume: the config a checkpoint was trained with, its out the checkpoint's folder (a
     copy resumes in itself). UsageError if other run flags were given (a resumed run is the saved run),

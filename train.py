@@ -82,13 +82,6 @@ RECIPES = {
 }
 DTYPES = ("auto", "float32", "bfloat16")
 
-# How each flag is read; a field not listed is a string.
-FLAG_TYPES = dict(window=cli.natural_int, max_len=cli.positive_int, r=cli.positive_int, lora_alpha=cli.positive_float,
-                  dropout=cli.fraction, lr=cli.positive_float, warmup=cli.natural_int, epochs=cli.positive_float,
-                  batch_size=cli.positive_int, grad_accum=cli.positive_int, weight_decay=cli.fraction,
-                  grad_clip=cli.positive_float, grad_ckpt=cli.blocks, max_steps=cli.natural_int,
-                  gpu_mem=cli.positive_float, eval_every=cli.natural_int, dev_limit=cli.positive_int,
-                  calibrate=cli.boolean, save_every=cli.positive_int, seed=cli.natural_int)
 RUN_FILES = ("ckpt.pt", "ckpt_last.pt", "metrics.jsonl")
 RESUME_KEYS = ("config", "lora", "optimizer", "step", "best")
 
@@ -109,21 +102,10 @@ def with_recipe(cfg: Config) -> Config:
 def parse_config(argv=None) -> tuple[Config, argparse.Namespace]:
     """The run's Config (flags, then the device's recipe for fields left None) and the other flags;
     checked before any work."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in fields(Config):
-        p.add_argument("--" + f.name.replace("_", "-"), type=FLAG_TYPES.get(f.name, str), default=f.default)
-    p.add_argument("--resume", metavar="CKPT", help="ckpt_last.pt to continue, with its saved config")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
-    p.add_argument("--dry-run", action="store_true", help="print the memory plan (memory_plan) and exit")
-    p.add_argument("--export-peft", metavar="DIR", help="write the adapter of --from as a Hugging Face peft adapter")
-    p.add_argument("--export-merged", metavar="DIR", help="write --from merged into a full Hugging Face checkpoint")
-    p.add_argument("--from", dest="src", metavar="CKPT", help="the checkpoint to export")
-    p.add_argument("--shard-size", type=cli.positive_float, metavar="GB",
-                   help="--export-merged: the most gigabytes per safetensors shard (default 5, as the Hub)")
+    p = cli.train_parser(__doc__.split("\n")[0], Config)
     a = p.parse_args(argv)
     cfg = with_recipe(Config(**{f.name: getattr(a, f.name) for f in fields(Config)}))
-    # a folder, or a Hub repo id pinned to the snapshot it resolves to now
-    if cfg.model != "default":
+    if cfg.model != "default":  # a folder, or a Hub repo id pinned to the snapshot it resolves to now
         cfg.model = str(convert.model_dir(cfg.model).resolve())
     cli.check_names("--targets", cfg.targets.split(","), lora.TARGETS)
     cli.check_names("--dtype", [cfg.dtype], DTYPES)
