@@ -371,6 +371,22 @@ def saved_config(state: dict, a: argparse.Namespace, config_type) -> dict:
         raise UserError(f"{a.resume}: its config has fields {unknown} that this train.py does not know")
     return dict(state["config"], out=str(Path(a.resume).parent))
 
+def setup_distributed(cfg) -> tuple[int, int]:
+    """train.py's (world size, rank) from torchrun's environment; joins the process group if
+    several, and puts this process on its GPU (cfg.device)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if cfg.grad_accum % world:
+        raise UsageError(f"--grad-accum {cfg.grad_accum} must be a multiple of the {world} processes, so the "
+                         "global batch is the same as in one process")
+    if world > 1:
+        cuda = cfg.device.startswith("cuda")
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(cfg.device)
+    return world, rank
+
 # ---------------------------------------------------------------- signals: stop after this step
 
 class StopRequest:

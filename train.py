@@ -114,21 +114,6 @@ def parse_config(argv=None) -> tuple[Config, argparse.Namespace]:
 
 # ---------------------------------------------------------------- set-up
 
-def setup_distributed(cfg: Config) -> tuple[int, int]:
-    """(world size, rank) from torchrun's environment; joins the process group if several."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    if cfg.grad_accum % world:
-        raise cli.UsageError(f"--grad-accum {cfg.grad_accum} must be a multiple of the {world} processes, so the "
-                             "global batch is the same as in one process")
-    if world > 1:
-        cuda = cfg.device.startswith("cuda")
-        dist.init_process_group("nccl" if cuda else "gloo")
-        if cuda:
-            cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(cfg.device)
-    return world, rank
-
 def load_model(cfg: Config, log):
     """The base model frozen in cfg.dtype with float32 LoRA adapters, in training mode,
     checkpointing the blocks that checkpointed_blocks picks; its tokenizer; AdamW over the
@@ -374,7 +359,7 @@ def main(argv=None):
         return memory.print_plan(cfg)
     cli.check_device(cfg.device)
     out = Path(cfg.out)
-    world, rank = setup_distributed(cfg)
+    world, rank = cli.setup_distributed(cfg)  # torchrun's processes, if several
     if rank == 0:  # one run, one folder: locked until the run ends
         cli.claim_run_folder(out, RUN_FILES, a.overwrite, resume=bool(state))
     log = print if rank == 0 else (lambda *args, **kwargs: None)
