@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import zipfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -716,3 +717,12 @@ def show_classes(m: dict) -> None:
     print("gold / predicted".ljust(width) + "".join(f"{label[:8]:>9}" for label in labels))
     for label, row in zip(labels, m["confusion"]):
         print(f"{label:{width}}" + "".join(f"{n:9d}" for n in row))
+
+def write_results(out: Path, res: dict, rows: list[dict]) -> None:
+    """eval.py's closing: the predicted labels' counts, then metrics.json and predictions.jsonl in the
+    results folder `out`, each written whole."""
+    print("predicted:", dict(Counter(r["pred"] for r in rows).most_common()))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "metrics.json", json.dumps(res, indent=1))
+    atomic_write(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    print(f"wrote {out / 'metrics.json'} and {out / 'predictions.jsonl'} ({res['seconds']} s)")

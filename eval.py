@@ -11,7 +11,6 @@ import contextlib
 import json
 import sys
 import time
-from collections import Counter
 
 import numpy as np
 import torch
@@ -331,11 +330,7 @@ def main(argv=None):
         cli.show_classes(res[name])
     if descriptions:
         res["described_utterances"] = compare_descriptions(model, tok, a, saved, rows, len(descriptions))
-    print("predicted:", dict(Counter(r["pred"] for r in rows).most_common()))
-    out.mkdir(parents=True, exist_ok=True)  # scores first, then the files, each written whole
-    cli.atomic_write(out / "metrics.json", json.dumps(res, indent=1))
-    cli.atomic_write(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    print(f"wrote {out / 'metrics.json'} and {out / 'predictions.jsonl'} ({res['seconds']} s)")
+    cli.write_results(out, res, rows)
 
 def compare_descriptions(model, tok, a, saved: dict, rows: list[dict], n_records: int) -> dict:
     """Score the utterances that have a description again without it: the with/without
