@@ -31,8 +31,7 @@ def metrics(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict:
     if len(y_true) != len(y_pred):
         raise ValueError(f"y_true has {len(y_true)} items, y_pred {len(y_pred)}")
     index = {label: i for i, label in enumerate(labels)}
-    # (gold, predicted); last column: invalid
-    cm = np.zeros((len(labels), len(labels) + 1), dtype=np.int64)
+    cm = np.zeros((len(labels), len(labels) + 1), dtype=np.int64)  # gold x pred, +invalid
     for t, p in zip(y_true, y_pred):
         cm[index[t], index.get(p, len(labels))] += 1
     tp = np.diag(cm[:, :-1])
@@ -206,8 +205,7 @@ def calibrated_report(rows: list[dict], bias: dict | None = None, fit: bool = Fa
     res = report(apply_offsets(rows, bias or {}))
     res["uncalibrated_weighted_f1"] = {name: m["weighted_f1"] for name, m in report(rows).items()}
     evaluated = {r["dataset"] for r in rows}
-    # offsets exist only for trained datasets
-    res["calibrated_datasets"] = sorted(evaluated & set(bias or {}))
+    res["calibrated_datasets"] = sorted(evaluated & set(bias or {}))  # trained datasets only
     res["calibrated"] = bool(res["calibrated_datasets"])
     return res, bias
 
@@ -292,8 +290,7 @@ def evaluate_split(model, tok, a, saved: dict, descriptions, keep=None) -> tuple
         raise cli.UserError(f"no {a.split} utterance to evaluate (--data {a.data or saved['data']}, --limit, "
                             "--described-only)")
     rows = predict(model, tok, examples, a.max_len or saved["max_len"], a.batch_size, a.generate)
-    # fitted on dev by train.py
-    bias = None if a.generate or a.no_calibration else saved.get("label_bias")
+    bias = None if a.generate or a.no_calibration else saved.get("label_bias")  # dev-fitted
     res, _ = calibrated_report(rows, bias)
     without = sorted({r["dataset"] for r in rows} - set(res["calibrated_datasets"]))
     if bias and without:
@@ -308,8 +305,7 @@ def main(argv=None):
     saved = dict(data="meld", window=a.window, max_len=data.MAX_LEN)  # --zero-shot
     if a.ckpt:
         ckpt = cli.read_checkpoint(a.ckpt)
-        # the base model moved: the checkpoint's model_args still guard its shapes
-        if a.model != "default":
+        if a.model != "default":  # the base model moved; its shapes are still checked
             ckpt["config"]["model"] = str(convert.model_dir(a.model).resolve())
         saved = dict(convert.run_config(ckpt, a.ckpt),  # as trained
                      label_bias=ckpt.get("label_bias"))

@@ -80,8 +80,7 @@ def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
     lo, hi = s["low_freq_factor"], s["high_freq_factor"]
     wavelen = 2 * math.pi / inv
     smooth = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)
-    # low frequencies / factor, high kept
-    scaled = torch.where(wavelen > old / lo, inv / s["factor"], inv)
+    scaled = torch.where(wavelen > old / lo, inv / s["factor"], inv)  # low frequencies / factor
     mid = (wavelen <= old / lo) & (wavelen >= old / hi)  # between the two: a blend
     return torch.where(mid, (1 - smooth) * inv / s["factor"] + smooth * inv, scaled)
 
@@ -121,8 +120,7 @@ def attend(q, k, v, attn_mask, repeat_kv: bool | None = None):
     if repeat_kv is None:
         repeat_kv = q.is_cuda and attn_mask is not None
     if repeat_kv and groups > 1:
-        # (B, H, S, D): kv head j serves query heads j*groups..
-        k = k.repeat_interleave(groups, dim=1)
+        k = k.repeat_interleave(groups, dim=1)  # (B, H, S, D)
         v = v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                           enable_gqa=k.shape[1] != q.shape[1])
@@ -144,8 +142,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # a one-row past (a shared prefix) is broadcast to every row, not copied
-        if past_k is not None:
+        if past_k is not None:  # a one-row past is broadcast
             k = torch.cat([past_k.expand(B, -1, -1, -1), k], dim=2)  # (B, K, S, D)
             v = torch.cat([past_v.expand(B, -1, -1, -1), v], dim=2)
         y = attend(q, k, v, attn_mask)  # (B, H, T, D)
@@ -292,8 +289,7 @@ def candidate_mask(cache_mask: torch.Tensor, cand_mask: torch.Tensor) -> tuple[t
     B = cache_mask.shape[0]
     j = torch.arange(L, device=cache_mask.device)
     pos = cache_mask.sum(1, keepdim=True) + j.repeat(M)  # (B, N)
-    # (N,) the candidate of each slot
-    which = torch.arange(M, device=cache_mask.device).repeat_interleave(L)
+    which = torch.arange(M, device=cache_mask.device).repeat_interleave(L)  # (N,)
     # (N, N)
     own = (which[:, None] == which[None, :]) & (j.repeat(M)[:, None] >= j.repeat(M)[None, :])
     own = own & cand_mask.reshape(1, -1)  # padding of a candidate is never a key
@@ -316,21 +312,18 @@ def score_continuations(model, prompts: list[list[int]], candidates: list[list[i
     cand, cm = pad_right(candidates, pad_id, device)  # (M, L)
     L = cand.shape[1]
     cache = KVCache(model.args.n_layers) if prefix is None else prefix.expand(B)
-    # (B,) each prompt's last real token
-    last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    last = torch.tensor([len(p) - 1 for p in prompts], device=device)  # (B,) last real tokens
     # (B, V)
     first = model(x, mask=m, cache=cache, logits_at=(torch.arange(B, device=device), last))
     first = first.log_softmax(-1)
     scores = first[:, cand[:, 0]]  # (B, M): log p(first candidate token | prompt)
     if L == 1:
         return scores.float()
-    # (B, M*(L-1)): every candidate but its last token
-    inputs = cand[:, :-1].reshape(1, -1).expand(B, -1)
+    inputs = cand[:, :-1].reshape(1, -1).expand(B, -1)  # (B, M*(L-1)): all but last
     pos, attn_mask = candidate_mask(cache.mask, cm[:, :-1])
     cache.grow = False  # the candidates attend to the prompt's cache; they do not extend it
     logp = model.forward_masked(inputs, pos, attn_mask, cache).log_softmax(-1)  # (B, M*(L-1), V)
-    # (B, M*(L-1), 1): the token each slot predicts
-    nxt = cand[:, 1:].reshape(1, -1, 1).expand(B, -1, 1)
+    nxt = cand[:, 1:].reshape(1, -1, 1).expand(B, -1, 1)  # (B, M*(L-1), 1): what each predicts
     tok_lp = logp.gather(-1, nxt)[..., 0].view(B, M, L - 1)
     return (scores + (tok_lp * cm[:, 1:]).sum(-1)).float()  # padding tokens count 0
 
@@ -358,8 +351,7 @@ def read_args(path: str | os.PathLike) -> ModelArgs:
     except (KeyError, TypeError, ValueError) as e:
         raise cli.UserError(f"{file}: not a LLaMA config ({type(e).__name__}: {e})") from None
 
-# 2023 folders store it
-ROPE_BUFFER = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+ROPE_BUFFER = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # in 2023 folders
 
 def check_rope_buffer(stored: torch.Tensor, args: ModelArgs, key: str, file: Path) -> None:
     """Check a stored `rotary_emb.inv_freq` buffer (D/2,) against rope_frequencies(args) before it
@@ -424,8 +416,7 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[Tr
     if missing or unexpected:
         raise cli.UserError(f"{path}: tensors do not fit config.json: missing {missing[:5]}, unexpected "
                             f"{unexpected[:5]} ({len(missing)} and {len(unexpected)} in all)")
-    # as config.json gives them (meta)
-    shapes = {name: t.shape for name, t in model.state_dict().items()}
+    shapes = {name: t.shape for name, t in model.state_dict().items()}  # config.json's
     wrong = [f"{ours_to_hf(n)} {tuple(t.shape)} (config.json: {tuple(shapes[n])})" for n, t in state.items()
              if t.shape != shapes[n]]
     if wrong:

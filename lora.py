@@ -13,8 +13,7 @@ import torch.nn.functional as F
 
 import cli
 
-# the linear layers of a LLaMA block (llama.py's names)
-TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # a LLaMA block's linear layers
 
 def drop(x: torch.Tensor, p: float) -> torch.Tensor:
     """x with each element zeroed with probability p, NOT rescaled by 1 / (1 - p): the adapter
@@ -64,11 +63,9 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.lora_A = nn.Parameter(base.weight.new_empty(r, base.in_features, dtype=torch.float32))
         self.lora_B = nn.Parameter(base.weight.new_zeros(base.out_features, r, dtype=torch.float32))
-        # nn.Linear's init, as loralib and peft
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as loralib, peft
         self.dropout = dropout if isinstance(dropout, nn.Module) else SharedDropout(dropout)
-        # the dropped input is not rescaled: forward divides the middle by this
-        self.keep = 1 - self.dropout.p
+        self.keep = 1 - self.dropout.p  # input not rescaled: forward divides the middle by this
 
     def forward(self, x):
         """x W^T + (drop(x) A^T) (scale / keep) B^T, x (..., in) -> (..., out). The scalars multiply
@@ -77,8 +74,7 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight)
         if self.merged:
             return y
-        # for a bf16 model outside autocast too (dev scoring)
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)  # bf16 outside autocast too
         gain = self.scale / self.keep if self.training else self.scale
         h = F.linear(self.dropout(x), a) * gain  # (..., r)
         return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), b.t()).view(y.shape)
@@ -100,8 +96,7 @@ class LoRALinear(nn.Module):
             self.weight.copy_((self.weight.float() - self.delta()).to(self.weight.dtype))
             self.merged = False
 
-# adapters that read one tensor in llama.py's forward
-SHARED_INPUT = (("wq", "wk", "wv"), ("w1", "w3"))
+SHARED_INPUT = (("wq", "wk", "wv"), ("w1", "w3"))  # adapters reading one tensor
 
 def shared_inputs(layers: list[tuple[nn.Module, str]]) -> dict[tuple[nn.Module, tuple], list[str]]:
     """(module, target) pairs grouped by the tensor they read: {(module, group): [names]}."""
@@ -142,8 +137,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where) -> None:
     """Load adapter tensors into a model after apply_lora; cli.UserError naming `where`."""
     try:
-        # base weights are not in `state`
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)  # no base weights in state
     except RuntimeError as e:  # shape mismatches
         raise cli.UserError(f"{where}: adapter does not fit the model: {e}") from None
     missing = [k for k in missing if k.endswith((".lora_A", ".lora_B"))]

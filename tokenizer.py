@@ -37,8 +37,7 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.sp.encode(text) if self.sp else self.hf.encode(text, add_special_tokens=False).ids
-        # a model without BOS starts bare
-        bos_ids = [self.bos_id] if bos and self.bos_id is not None else []
+        bos_ids = [self.bos_id] if bos and self.bos_id is not None else []  # no BOS: bare
         return bos_ids + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: list[int]) -> str:

@@ -58,15 +58,12 @@ class Config:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     grad_ckpt: str | None = None  # activation checkpointing: auto, all, none, or a number of blocks
-    # GiB that --grad-ckpt auto and --dry-run plan for (None: the device's free memory)
-    gpu_mem: float | None = None
-    # base weights and autocast activations: auto (cli.auto_dtype), float32, bfloat16
-    dtype: str | None = None
+    gpu_mem: float | None = None  # GiB --grad-ckpt auto and --dry-run plan for (None: free memory)
+    dtype: str | None = None  # base weights and autocast: auto (cli.auto_dtype), float32, bfloat16
     max_steps: int = 0  # stop after this many optimizer steps (0: the epochs decide)
     eval_every: int = 0  # dev evaluation every N steps (0: at the end of each epoch)
     dev_limit: int | None = None  # dev utterances used for model selection (None: all)
-    # fit per-label score offsets on dev (eval.fit_label_bias), saved with the adapter
-    calibrate: bool = True
+    calibrate: bool = True  # fit label offsets on dev (eval.fit_offsets), kept in ckpt.pt
     save_every: int = 50  # steps between ckpt_last.pt writes
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -120,8 +117,7 @@ def load_model(cfg: Config, log):
     adapters."""
     torch.manual_seed(cfg.seed)  # the adapters' initial A
     folder = convert.model_dir(cfg.model)
-    # before the weights take device memory
-    blocks = memory.checkpointed_blocks(cfg, llama.read_args(folder), log)
+    blocks = memory.checkpointed_blocks(cfg, llama.read_args(folder), log)  # before loading
     model, tok = llama.load(folder, device=cfg.device, dtype=getattr(torch, cfg.dtype))
     lora.apply_lora(model, cfg.targets.split(","), cfg.r, cfg.lora_alpha, cfg.dropout, verbose=log is print)
     model.checkpointing = blocks
@@ -232,11 +228,9 @@ def forward_shared(model, x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     if P == 0 or x.shape[0] == 1:
         return model(x, logits_at=where)
     prefix = llama.KVCache(model.args.n_layers)
-    # (1, P); no loss is taken there: (0, V) logits
-    model(x[:1, :P], cache=prefix, logits_at=where[:1, :P])
+    model(x[:1, :P], cache=prefix, logits_at=where[:1, :P])  # (1, P): (0, V) logits
     prefix.grow = False  # the rows attend to the prefix but do not extend it
-    # (B, T - P) tokens at positions P..T-1
-    return model(x[:, P:], cache=prefix, logits_at=where[:, P:])
+    return model(x[:, P:], cache=prefix, logits_at=where[:, P:])  # positions P..T-1
 
 @dataclass
 class Run:
@@ -343,8 +337,7 @@ def resume(state: dict, model, opt, out: Path, main_proc: bool) -> tuple[int, fl
     step = state["step"]
     log_file = out / "metrics.jsonl"
     if main_proc and log_file.exists():
-        # a torn or blank last line (a kill while writing it) is dropped
-        cli.keep_log_rows(log_file, step)
+        cli.keep_log_rows(log_file, step)  # a torn last line dropped
     return step, state["best"]
 
 @cli.releasing_locks
