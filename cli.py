@@ -10,6 +10,7 @@ its traceback. DIALOGUELLM_DEBUG=1 shows the traceback of user errors too.
 import argparse
 import atexit
 import csv
+import dataclasses
 import errno
 import fcntl
 import io
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import threading
 import zipfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -162,6 +164,12 @@ def fraction(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
     return value
+
+def blocks(value: str) -> str:
+    """--grad-ckpt: auto, all, none, or a number of blocks (the first ones are checkpointed)."""
+    if value in ("auto", "all", "none") or value.isdigit():
+        return value
+    raise argparse.ArgumentTypeError(f"expected auto, all, none or a number of blocks, got {value!r}")
 
 def boolean(text: str) -> bool:
     """Strict: true/false, yes/no, 1/0 (any case); anything else is an error, never a silent False."""
@@ -326,6 +334,59 @@ def keep_log_rows(path: Path, step: int) -> None:
     if torn:
         print(f"{path}: dropped {torn} torn or blank line(s)", file=sys.stderr)
     atomic_write(path, "".join(kept))
+
+# How each of train.py's Config flags is read; a field not listed is a string.
+TRAIN_FLAG_TYPES = dict(window=natural_int, max_len=positive_int, r=positive_int, lora_alpha=positive_float,
+                  dropout=fraction, lr=positive_float, warmup=natural_int, epochs=positive_float,
+                  batch_size=positive_int, grad_accum=positive_int, weight_decay=fraction,
+                  grad_clip=positive_float, grad_ckpt=blocks, max_steps=natural_int,
+                  gpu_mem=positive_float, eval_every=natural_int, dev_limit=positive_int,
+                  calibrate=boolean, save_every=positive_int, seed=natural_int)
+
+def train_parser(description: str, config_type) -> argparse.ArgumentParser:
+    """train.py's flags: one per field of config_type (train.Config), then the run's other flags."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(config_type):
+        p.add_argument("--" + f.name.replace("_", "-"), type=TRAIN_FLAG_TYPES.get(f.name, str), default=f.default)
+    p.add_argument("--resume", metavar="CKPT", help="ckpt_last.pt to continue, with its saved config")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    p.add_argument("--dry-run", action="store_true", help="print the memory plan (memory_plan) and exit")
+    p.add_argument("--export-peft", metavar="DIR", help="write the adapter of --from as a Hugging Face peft adapter")
+    p.add_argument("--export-merged", metavar="DIR", help="write --from merged into a full Hugging Face checkpoint")
+    p.add_argument("--from", dest="src", metavar="CKPT", help="the checkpoint to export")
+    p.add_argument("--shard-size", type=positive_float, metavar="GB",
+                   help="--export-merged: the most gigabytes per safetensors shard (default 5, as the Hub)")
+    return p
+
+def saved_config(state: dict, a: argparse.Namespace, config_type) -> dict:
+    """train.py --resume: the config a checkpoint was trained with, its out the checkpoint's folder (a
+    copy resumes in itself). UsageError if other run flags were given (a resumed run is the saved run),
+    UserError naming fields config_type (train.Config) does not know."""
+    names = [f.name for f in dataclasses.fields(config_type)]
+    given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(config_type)
+             if getattr(a, f.name) != f.default]
+    if given or a.overwrite:
+        raise UsageError(f"--resume continues the saved run with its saved config; drop {given or '--overwrite'}")
+    unknown = sorted(set(state["config"]) - set(names))
+    if unknown:
+        raise UserError(f"{a.resume}: its config has fields {unknown} that this train.py does not know")
+    return dict(state["config"], out=str(Path(a.resume).parent))
+
+def setup_distributed(cfg) -> tuple[int, int]:
+    """train.py's (world size, rank) from torchrun's environment; joins the process group if
+    several, and puts this process on its GPU (cfg.device)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if cfg.grad_accum % world:
+        raise UsageError(f"--grad-accum {cfg.grad_accum} must be a multiple of the {world} processes, so the "
+                         "global batch is the same as in one process")
+    if world > 1:
+        cuda = cfg.device.startswith("cuda")
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(cfg.device)
+    return world, rank
 
 # ---------------------------------------------------------------- signals: stop after this step
 
@@ -559,3 +620,109 @@ def read_checkpoint(path, keys=("config", "lora")) -> dict:
     if not isinstance(adapter, dict) or not all(torch.is_tensor(t) and t.isfinite().all() for t in adapter.values()):
         raise UserError(f"{path}: its adapter ('lora') is not a dict of finite tensors")
     return ckpt
+
+# ---------------------------------------------------------------- eval.py's flags, results folder and printing
+
+def eval_parser(description: str, splits, window: int) -> argparse.ArgumentParser:
+    """eval.py's flags (the splits and the default window are data.py's)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("ckpt", nargs="?", help="checkpoint from train.py (omit with --zero-shot)")
+    p.add_argument("--data", help="meld, emorynlp, iemocap, a comma list or all (default: the trained ones)")
+    p.add_argument("--split", choices=splits, help="default: test")
+    p.add_argument("--data-dir")
+    p.add_argument("--limit", type=positive_int, help="the first N utterances only")
+    p.add_argument("--descriptions", help="video descriptions JSONL; described utterances are also scored without")
+    p.add_argument("--described-only", action="store_true", help="only the utterances that have a description")
+    p.add_argument("--generate", action="store_true", help="greedy decoding instead of label scoring")
+    p.add_argument("--no-calibration", action="store_true", help="ignore the label offsets fitted on dev")
+    p.add_argument("--zero-shot", action="store_true", help="the base model --model with no adapter")
+    p.add_argument("--model", default="default", help="base model for --zero-shot, or the new place of a "
+                   "checkpoint's base model folder (its shapes are checked)")
+    p.add_argument("--window", type=natural_int, help=f"--zero-shot: context window (default {window})")
+    p.add_argument("--max-len", type=positive_int, help="prompt + answer tokens (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--out", help="parent folder of the results (default: the checkpoint's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--input", help="label your own conversations: a JSONL or CSV file, or - for stdin")
+    p.add_argument("--format", choices=("jsonl", "csv"), help="--input's format (default: from its name)")
+    p.add_argument("--label-set", help="--input: the labels of this trained dataset (default: the first)")
+    return p
+
+def eval_args(argv, description: str, splits, window: int, datasets) -> argparse.Namespace:
+    """eval.py's flags, checked before any work: --input (labelling) takes none of evaluation's flags,
+    --window goes with --zero-shot, a checkpoint or --zero-shot."""
+    p = eval_parser(description, splits, window)
+    a = p.parse_args(argv)
+    flags = {"--data": a.data, "--split": a.split, "--limit": a.limit, "--descriptions": a.descriptions,
+             "--generate": a.generate, "--zero-shot": a.zero_shot, "--max-len": a.max_len, "--out": a.out}
+    given = [flag for flag, value in flags.items() if value]
+    if a.input and given:
+        raise UsageError(f"--input labels with the checkpoint's settings; it takes no {', '.join(given)}")
+    if not a.input and (a.format or a.label_set):
+        raise UsageError("--format and --label-set go with --input")
+    a.format = a.format or {".jsonl": "jsonl", ".csv": "csv"}.get(Path(a.input or "").suffix.lower())
+    if a.input and not a.format:
+        raise UsageError(f"--input {a.input}: give --format jsonl or csv (or a name ending .jsonl or .csv)")
+    a.split = a.split or "test"
+    if a.window is not None and not a.zero_shot:
+        raise UsageError("--window goes with --zero-shot; a checkpoint's evaluation uses its own window")
+    if a.window is None:
+        a.window = window
+    if a.zero_shot == bool(a.ckpt):
+        p.error("give a checkpoint, or --zero-shot (not both)")
+    if a.described_only and not a.descriptions:
+        p.error("--described-only needs --descriptions")
+    if a.data:
+        check_names("--data", a.data.split(","), (*datasets, "all"))
+    check_device(a.device)
+    return a
+
+
+def results_dir(a: argparse.Namespace, trained_data: str) -> Path:
+    """This evaluation's folder: its name encodes every option that changes the results, so variants never share
+    a folder, while the same evaluation run again replaces its own."""
+    parent = Path(a.out or (Path(a.ckpt).parent if a.ckpt else "runs/zero-shot"))
+    options = [  # (option given, its part of the name)
+        (a.data and a.data != trained_data, str(a.data).replace(",", "+")),
+        (a.descriptions, "descriptions-" + Path(a.descriptions or "").stem),
+        (a.described_only, "described"),
+        (a.limit, f"limit{a.limit}"),
+        (a.max_len, f"len{a.max_len}"),
+        (a.generate, "generate"),
+        (a.no_calibration and not a.generate, "uncalibrated"),
+        (a.ckpt and Path(a.ckpt).stem != "ckpt", Path(a.ckpt or "").stem),  # e.g. ckpt_last: no label offsets
+        (a.zero_shot, f"{Path(a.model).name}-window{a.window}"),
+    ]
+    return parent / "-".join([f"eval-{a.split}"] + [part for given, part in options if given])
+
+def show_results(title: str, res: dict, split: str) -> None:
+    """One line per dataset: weighted F1 (and without the label offsets, when they were applied), accuracy..."""
+    before = res.get("uncalibrated_weighted_f1", {})
+    for name, m in res.items():
+        if isinstance(m, dict) and "weighted_f1" in m:
+            offsets = name in res.get("calibrated_datasets", []) or (name == "union" and res.get("calibrated"))
+            raw = f" ({100 * before[name]:.2f} without the dev-fitted label offsets)" if offsets else ""
+            print(f"{title}{name} {split}: weighted F1 {100 * m['weighted_f1']:.2f}{raw}  accuracy "
+                  f"{100 * m['accuracy']:.2f}  macro F1 {100 * m['macro_f1']:.2f}  invalid {m['invalid']}  n={m['n']}")
+
+def show_classes(m: dict) -> None:
+    """Per-class precision, recall, F1 (%) and support, then the confusion matrix (rows gold, columns predicted)."""
+    labels = m["labels"]
+    width = max(len("gold / predicted"), *map(len, labels)) + 2
+    print(f"{'':{width}}precision  recall      F1  support")
+    for label in labels:
+        c = m["per_class"][label]
+        scores = f"{100 * c['precision']:9.2f}{100 * c['recall']:8.2f}{100 * c['f1']:8.2f}"
+        print(f"{label:{width}}{scores}{c['support']:9d}")
+    print("gold / predicted".ljust(width) + "".join(f"{label[:8]:>9}" for label in labels))
+    for label, row in zip(labels, m["confusion"]):
+        print(f"{label:{width}}" + "".join(f"{n:9d}" for n in row))
+
+def write_results(out: Path, res: dict, rows: list[dict]) -> None:
+    """eval.py's closing: the predicted labels' counts, then metrics.json and predictions.jsonl in the
+    results folder `out`, each written whole."""
+    print("predicted:", dict(Counter(r["pred"] for r in rows).most_common()))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "metrics.json", json.dumps(res, indent=1))
+    atomic_write(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    print(f"wrote {out / 'metrics.json'} and {out / 'predictions.jsonl'} ({res['seconds']} s)")

@@ -1,14 +1,13 @@
-"""Evaluate a DialogueLLM adapter: `python eval.py ckpt.pt [--split test] [--data meld] [--limit N]`.
+"""Evaluate a DialogueLLM adapter: `python eval.py ckpt.pt [--split test] [--data meld] [--limit
+N]`.
 
-Each utterance is labelled by scoring every candidate label's log-probability after its prompt (the prompt runs
-once, the labels reuse its KV cache), so every prediction is a valid label. `--generate` decodes greedily and
-counts an answer that names no label as wrong (DialogueLLM's released code picked a random label instead).
-Metrics follow scikit-learn: weighted F1 weights each class's F1 by its support in y_true."""
+Each utterance is labelled by scoring every candidate label's log-probability after its prompt (the
+prompt runs once, the labels reuse its KV cache), so every prediction is a valid label. `--generate`
+decodes greedily and counts an answer that names no label as wrong (DialogueLLM's released code
+picked a random label instead). Metrics follow scikit-learn: weighted F1 weights each class's F1 by
+its support in y_true."""
 import argparse
-import json
 import time
-from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,12 +23,13 @@ from convert import load_checkpoint
 # ---------------------------------------------------------------- metrics
 
 def metrics(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict:
-    """Accuracy, weighted and macro F1, per-class precision/recall/F1/support, confusion[gold][predicted], as
-    scikit-learn computes them with zero_division=0 (y_true first). A prediction outside `labels` is wrong."""
+    """Accuracy, weighted and macro F1, per-class precision/recall/F1/support,
+    confusion[gold][predicted], as scikit-learn computes them with zero_division=0 (y_true first). A
+    prediction outside `labels` is wrong."""
     if len(y_true) != len(y_pred):
         raise ValueError(f"y_true has {len(y_true)} items, y_pred {len(y_pred)}")
     index = {label: i for i, label in enumerate(labels)}
-    cm = np.zeros((len(labels), len(labels) + 1), dtype=np.int64)  # (gold, predicted); last column: invalid
+    cm = np.zeros((len(labels), len(labels) + 1), dtype=np.int64)  # gold x pred, +invalid
     for t, p in zip(y_true, y_pred):
         cm[index[t], index.get(p, len(labels))] += 1
     tp = np.diag(cm[:, :-1])
@@ -40,16 +40,22 @@ def metrics(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict:
         recall = np.nan_to_num(tp / support)
         f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
     n = max(support.sum(), 1)
+    weighted_f1 = (f1 * support).sum() / n  # each class's F1 weighted by its gold support
     per_class = {label: dict(precision=float(precision[i]), recall=float(recall[i]), f1=float(f1[i]),
                              support=int(support[i])) for i, label in enumerate(labels)}
-    return {"n": int(support.sum()), "accuracy": float(tp.sum() / n), "weighted_f1": float((f1 * support).sum() / n),
+    return {"n": int(support.sum()), "accuracy": float(tp.sum() / n), "weighted_f1": float(weighted_f1),
             "macro_f1": float(f1.mean()), "invalid": int(cm[:, -1].sum()), "labels": labels,
             "confusion": cm[:, :-1].tolist(), "per_class": per_class}
 
+# ---------------------------------------------------------------- label offsets (not the paper's)
+# The paper predicts the label of highest score. The per-label offsets below are this project's addition:
+# fitted on dev (fit_offsets), saved in ckpt.pt, applied unchanged to test (apply_offsets); evaluation also
+# reports the score without them ("uncalibrated").
+
 def fit_label_bias(scores: np.ndarray, y_true: list[str], labels: list[str], passes: int = 3) -> np.ndarray:
-    """Offsets b (C,) added to the label log-probabilities scores (N, C) before the argmax, fitted on dev by
-    coordinate ascent over -4..4 nats to maximise weighted F1, then applied unchanged to test. They correct a
-    small model's lean towards the majority class (MELD is 47% neutral)."""
+    """Offsets b (M,) added to the M labels' log-probabilities scores (N, M) before the argmax,
+    fitted on dev by coordinate ascent over -4..4 nats to maximise weighted F1. They correct a small
+    model's lean towards the majority class (MELD is 47% neutral)."""
     def weighted_f1(bias):
         y_pred = [labels[j] for j in (scores + bias).argmax(1)]
         return metrics(y_true, y_pred, labels)["weighted_f1"]
@@ -66,17 +72,44 @@ def fit_label_bias(scores: np.ndarray, y_true: list[str], labels: list[str], pas
                     bias = trial
     return bias
 
+def fit_offsets(rows: list[dict]) -> dict[str, list[float]]:
+    """Label offsets fitted per dataset on score-mode rows: {dataset: [offset per label]}."""
+    bias = {}
+    for name in sorted({r["dataset"] for r in rows}):
+        subset = [r for r in rows if r["dataset"] == name]
+        labels = data.LABELS[name]
+        scores = np.array([[r["scores"][label] for label in labels] for r in subset])  # (N, M)
+        bias[name] = fit_label_bias(scores, [r["gold"] for r in subset], labels).tolist()
+    return bias
+
+def offset_pred(row: dict, offsets: list[float]) -> str:
+    """The label of highest score + offset for one score-mode row."""
+    labels = data.LABELS[row["dataset"]]
+    shifted = [row["scores"][label] + b for label, b in zip(labels, offsets)]
+    return labels[int(np.argmax(shifted))]
+
+def apply_offsets(rows: list[dict], bias: dict[str, list[float]]) -> list[dict]:
+    """New rows whose pred takes the offsets `bias` into account; the rows given are left as they
+    are. A dataset without offsets keeps its raw argmax."""
+    return [dict(r, pred=offset_pred(r, bias[r["dataset"]])) if r["dataset"] in bias else r for r in rows]
+
+def calibrate(rows: list[dict], bias: dict[str, list[float]]) -> None:
+    """apply_offsets in place (labelling your own conversations writes its rows' labels so)."""
+    for r, new in zip(rows, apply_offsets(rows, bias)):
+        r["pred"] = new["pred"]
+
 # ---------------------------------------------------------------- prediction
 
 def prompt_ids(tok, example: dict, max_len: int) -> list[int]:
-    """BOS + prompt ids of an example, truncated exactly as in training: with room for the longest label of its
-    set, so how much context is cut never depends on the gold label (data.encode_example)."""
+    """BOS + prompt ids of an example, truncated exactly as in training: with room for the longest
+    label of its set, so how much context is cut never depends on the gold label
+    (data.encode_example)."""
     ids, n_answer = data.encode_example(tok, example, max_len)
     return ids[:-n_answer]
 
 def candidate_ids(tok, labels: tuple[str, ...]) -> list[list[int]]:
-    """Each label's ids as they follow the prompt; EOS is appended only when one label's ids are a prefix of
-    another's ("sad" and "sadness"), so that every candidate is scored to its end."""
+    """Each label's ids as they follow the prompt; EOS is appended only when one label's ids are a
+    prefix of another's ("sad" and "sadness"), so that every candidate is scored to its end."""
     ids = data.label_token_ids(tok, list(labels))
     cands = [ids[label] for label in labels]
     is_prefix = any(a != b and b[:len(a)] == a for a in cands for b in cands)
@@ -85,82 +118,71 @@ def candidate_ids(tok, labels: tuple[str, ...]) -> list[list[int]]:
     return cands
 
 def generate_label(model, tok, prompt: list[int], labels) -> str:
-    """Greedy answer of up to 8 tokens: the label it names (case-insensitive), else the raw answer (invalid)."""
+    """Greedy answer of up to 8 tokens: the label it names (any case), else the answer (invalid)."""
     answer = tok.decode(llama.generate(model, prompt, 8, eos_id=tok.eos_id)).strip()
     named = [label for label in labels if label.lower() == answer.lower()]
     return named[0] if named else answer
 
 def header_length(prompts: list[list[int]]) -> int:
-    """How many tokens all prompts start with (BOS, the task and the labels: the instruction header), leaving each
-    prompt at least one token of its own."""
+    """How many tokens all prompts start with (BOS, the task and the labels: the instruction
+    header), leaving each prompt at least one token of its own."""
     first = prompts[0]
     n = min(len(p) for p in prompts) - 1
     for p in prompts:
         n = next((j for j in range(n) if p[j] != first[j]), n)
     return n
 
-def headers(model, prompts: dict[tuple, list[list[int]]]) -> dict[tuple, tuple[int, llama.KVCache | None]]:
-    """Per label set: (header length P, the header's one-row KV cache, computed once), from its prompts."""
-    out = {}
-    for labels, group in prompts.items():
-        P = header_length(group)
-        out[labels] = (P, llama.prefill(model, group[0][:P]) if P else None)
+def group_by_labels(examples: list[dict], prompts: list[list[int]]) -> dict[tuple, list[int]]:
+    """Indices of the examples per label set (datasets differ), each sorted by prompt length."""
+    groups = {}
+    for i in sorted(range(len(examples)), key=lambda i: len(prompts[i])):
+        groups.setdefault(tuple(examples[i]["labels"]), []).append(i)
+    return groups
+
+def predict_scores(model, tok, labels: tuple, prompts: list[list[int]], batch_size: int, bar) -> list:
+    """(pred, {label: log P(label tokens | prompt)}) per prompt of one label set: the header all its
+    prompts share runs once (llama.prefill), then each batch of their own tokens with every label
+    (llama.score_continuations); pred is the label of highest score."""
+    P = header_length(prompts)
+    prefix = llama.prefill(model, prompts[0][:P]) if P else None
+    candidates = candidate_ids(tok, labels)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        rests = [p[P:] for p in prompts[start:start + batch_size]]  # each prompt after the header
+        scores = llama.score_continuations(model, rests, candidates, tok.pad_id, prefix)  # (B, M)
+        out += [(labels[int(np.argmax(row))], dict(zip(labels, row))) for row in scores.tolist()]
+        bar.update(len(rests))
+    return out
+
+def predict_generate(model, tok, labels: tuple, prompts: list[list[int]], batch_size: int, bar) -> list:
+    """(the label greedy decoding names, or its raw answer; None) per prompt (generate_label)."""
+    out = []
+    for p in prompts:
+        out.append((generate_label(model, tok, p, labels), None))
+        bar.update()
     return out
 
 @torch.no_grad()
 def predict(model, tok, examples: list[dict], max_len: int, batch_size: int = 8, generate: bool = False,
             progress: bool = True) -> list[dict]:
-    """One row per example, in order: dataset, dialogue_id, utterance_id, gold, pred, scores, described.
-    Score mode: scores[label] = log P(label tokens | prompt) (llama.score_continuations, with the header of each
-    label set's prompts computed once), pred = the argmax; generate mode: greedy decoding (generate_label), scores
-    None. Batches hold one label set, sorted by length."""
+    """One row per example, in order: dataset, dialogue_id, utterance_id, gold, pred, scores,
+    described. Scores per label set (predict_scores), or greedy decoding with scores None
+    (predict_generate)."""
     model.eval()
-    rows = [None] * len(examples)
     prompts = [prompt_ids(tok, ex, max_len) for ex in examples]
-    by_labels = {}
-    for ex, p in zip(examples, prompts):
-        by_labels.setdefault(tuple(ex["labels"]), []).append(p)
-    header = {} if generate else headers(model, by_labels)
-    candidates = {labels: candidate_ids(tok, labels) for labels in by_labels}
-    order = sorted(range(len(examples)), key=lambda i: (examples[i]["labels"], len(prompts[i])))
+    run_group = predict_generate if generate else predict_scores
+    rows = [None] * len(examples)
     bar = tqdm(total=len(examples), desc="eval", disable=not progress, smoothing=0.1)
-    for start in range(0, len(order), batch_size):
-        groups = {}  # examples of different datasets have different label sets
-        for i in order[start:start + batch_size]:
-            groups.setdefault(tuple(examples[i]["labels"]), []).append(i)
-        for labels, idx in groups.items():
-            if generate:
-                for i in idx:
-                    rows[i] = make_row(examples[i], generate_label(model, tok, prompts[i], labels), None)
-                continue
-            P, prefix = header[labels]
-            rests = [prompts[i][P:] for i in idx]  # each prompt after the shared header
-            scores = llama.score_continuations(model, rests, candidates[labels], tok.pad_id, prefix)  # (B, C)
-            for i, row_scores in zip(idx, scores.tolist()):
-                pred = labels[int(np.argmax(row_scores))]
-                rows[i] = make_row(examples[i], pred, dict(zip(labels, row_scores)))
-        bar.update(min(batch_size, len(order) - start))
+    for labels, idx in group_by_labels(examples, prompts).items():
+        preds = run_group(model, tok, labels, [prompts[i] for i in idx], batch_size, bar)
+        for i, (pred, scores) in zip(idx, preds):
+            rows[i] = make_row(examples[i], pred, scores)
     bar.close()
     return rows
 
 def make_row(ex: dict, pred: str, scores: dict | None) -> dict:
     return {"dataset": ex["dataset"], "dialogue_id": ex["dialogue_id"], "utterance_id": ex["utterance_id"],
             "gold": ex["label"], "pred": pred, "scores": scores, "described": ex["has_description"]}
-
-def calibrate(rows: list[dict], bias: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
-    """Fit (bias=None) or apply per-dataset label offsets (fit_label_bias) to score-mode rows, in place.
-    Returns the bias dict {dataset: [offset per label of data.LABELS[dataset]]}."""
-    if bias is None:
-        bias = {}
-        for name in sorted({r["dataset"] for r in rows}):
-            subset = [r for r in rows if r["dataset"] == name]
-            scores = np.array([[r["scores"][label] for label in data.LABELS[name]] for r in subset])  # (N, C)
-            bias[name] = fit_label_bias(scores, [r["gold"] for r in subset], data.LABELS[name]).tolist()
-    for r in [r for r in rows if r["dataset"] in bias]:  # a dataset not fitted on keeps its raw argmax
-        labels = data.LABELS[r["dataset"]]
-        shifted = [r["scores"][label] + b for label, b in zip(labels, bias[r["dataset"]])]
-        r["pred"] = labels[int(np.argmax(shifted))]
-    return bias
 
 def report(rows: list[dict]) -> dict:
     """Metrics per dataset (and for the union when several), from predict()'s rows."""
@@ -174,15 +196,14 @@ def report(rows: list[dict]) -> dict:
     return res
 
 def calibrated_report(rows: list[dict], bias: dict | None = None, fit: bool = False) -> tuple[dict, dict | None]:
-    """(report after the label offsets `bias`, or offsets fitted on these rows if `fit`, with each dataset's
-    uncalibrated weighted F1 under "uncalibrated_weighted_f1"; the offsets)."""
-    uncalibrated = {name: m["weighted_f1"] for name, m in report(rows).items()}
-    if fit or bias:
-        bias = calibrate(rows, None if fit else bias)
-    res = report(rows)
-    res["uncalibrated_weighted_f1"] = uncalibrated
+    """(report after the label offsets `bias`, or offsets fitted on these rows if `fit`, with each
+    dataset's uncalibrated weighted F1 under "uncalibrated_weighted_f1"; the offsets)."""
+    if fit:
+        bias = fit_offsets(rows)
+    res = report(apply_offsets(rows, bias or {}))
+    res["uncalibrated_weighted_f1"] = {name: m["weighted_f1"] for name, m in report(rows).items()}
     evaluated = {r["dataset"] for r in rows}
-    res["calibrated_datasets"] = sorted(evaluated & set(bias or {}))  # offsets exist only for trained datasets
+    res["calibrated_datasets"] = sorted(evaluated & set(bias or {}))  # trained datasets only
     res["calibrated"] = bool(res["calibrated_datasets"])
     return res, bias
 
@@ -193,122 +214,42 @@ def label_conversations(*args, **kwargs) -> list[dict]:
 # ---------------------------------------------------------------- the command line
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("ckpt", nargs="?", help="checkpoint from train.py (omit with --zero-shot)")
-    p.add_argument("--data", help="meld, emorynlp, iemocap, a comma list or all (default: the trained ones)")
-    p.add_argument("--split", choices=data.SPLITS, help="default: test")
-    p.add_argument("--data-dir")
-    p.add_argument("--limit", type=cli.positive_int, help="the first N utterances only")
-    p.add_argument("--descriptions", help="video descriptions JSONL; described utterances are also scored without")
-    p.add_argument("--described-only", action="store_true", help="only the utterances that have a description")
-    p.add_argument("--generate", action="store_true", help="greedy decoding instead of label scoring")
-    p.add_argument("--no-calibration", action="store_true", help="ignore the label offsets fitted on dev")
-    p.add_argument("--zero-shot", action="store_true", help="the base model --model with no adapter")
-    p.add_argument("--model", default="default", help="base model for --zero-shot, or the new place of a "
-                   "checkpoint's base model folder (its shapes are checked)")
-    p.add_argument("--window", type=cli.natural_int, help=f"--zero-shot: context window (default {data.WINDOW})")
-    p.add_argument("--max-len", type=cli.positive_int, help="prompt + answer tokens (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=8)
-    p.add_argument("--out", help="parent folder of the results (default: the checkpoint's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--input", help="label your own conversations: a JSONL or CSV file, or - for stdin")
-    p.add_argument("--format", choices=("jsonl", "csv"), help="--input's format (default: from its name)")
-    p.add_argument("--label-set", help="--input: the labels of this trained dataset (default: the first)")
-    a = p.parse_args(argv)
-    flags = {"--data": a.data, "--split": a.split, "--limit": a.limit, "--descriptions": a.descriptions,
-             "--generate": a.generate, "--zero-shot": a.zero_shot, "--max-len": a.max_len, "--out": a.out}
-    given = [flag for flag, value in flags.items() if value]
-    if a.input and given:
-        raise cli.UsageError(f"--input labels with the checkpoint's settings; it takes no {', '.join(given)}")
-    if not a.input and (a.format or a.label_set):
-        raise cli.UsageError("--format and --label-set go with --input")
-    a.format = a.format or {".jsonl": "jsonl", ".csv": "csv"}.get(Path(a.input or "").suffix.lower())
-    if a.input and not a.format:
-        raise cli.UsageError(f"--input {a.input}: give --format jsonl or csv (or a name ending .jsonl or .csv)")
-    a.split = a.split or "test"
-    if a.window is not None and not a.zero_shot:
-        raise cli.UsageError("--window goes with --zero-shot; a checkpoint's evaluation uses its own window")
-    if a.window is None:
-        a.window = data.WINDOW
-    if a.zero_shot == bool(a.ckpt):
-        p.error("give a checkpoint, or --zero-shot (not both)")
-    if a.described_only and not a.descriptions:
-        p.error("--described-only needs --descriptions")
-    if a.data:
-        cli.check_names("--data", a.data.split(","), (*data.DATASETS, "all"))
-    cli.check_device(a.device)
-    return a
+    """eval.py's flags, checked (cli.eval_args)."""
+    return cli.eval_args(argv, __doc__.split("\n")[0], data.SPLITS, data.WINDOW, data.DATASETS)
 
-def results_dir(a: argparse.Namespace, trained_data: str) -> Path:
-    """This evaluation's folder: its name encodes every option that changes the results, so variants never share
-    a folder, while the same evaluation run again replaces its own."""
-    parent = Path(a.out or (Path(a.ckpt).parent if a.ckpt else "runs/zero-shot"))
-    options = [  # (option given, its part of the name)
-        (a.data and a.data != trained_data, str(a.data).replace(",", "+")),
-        (a.descriptions, "descriptions-" + Path(a.descriptions or "").stem),
-        (a.described_only, "described"),
-        (a.limit, f"limit{a.limit}"),
-        (a.max_len, f"len{a.max_len}"),
-        (a.generate, "generate"),
-        (a.no_calibration and not a.generate, "uncalibrated"),
-        (a.ckpt and Path(a.ckpt).stem != "ckpt", Path(a.ckpt or "").stem),  # e.g. ckpt_last: no label offsets
-        (a.zero_shot, f"{Path(a.model).name}-window{a.window}"),
-    ]
-    return parent / "-".join([f"eval-{a.split}"] + [part for given, part in options if given])
-
-def evaluate(model, tok, a, cfg: dict, descriptions, keep=None) -> tuple[list[dict], dict]:
-    """Rows and metrics of one evaluation; `keep` filters the examples (before --limit)."""
+def evaluate_split(model, tok, a, saved: dict, descriptions, keep=None) -> tuple[list[dict], dict]:
+    """Rows (with the label offsets applied) and metrics of one evaluation of a split; `keep`
+    filters the examples (before --limit). `saved`: the checkpoint's settings (window, max_len,
+    data, label_bias)."""
     examples = []
-    for name in data.datasets_for(a.data or cfg["data"], a.data_dir):
+    for name in data.datasets_for(a.data or saved["data"], a.data_dir):
         split = data.load_split(name, a.split, a.data_dir)
-        examples += data.build_examples(split, cfg["window"], descriptions)
+        examples += data.build_examples(split, saved["window"], descriptions)
     examples = [e for e in examples if keep is None or keep(e)][:a.limit]
     if not examples:
-        raise cli.UserError(f"no {a.split} utterance to evaluate (--data {a.data or cfg['data']}, --limit, "
+        raise cli.UserError(f"no {a.split} utterance to evaluate (--data {a.data or saved['data']}, --limit, "
                             "--described-only)")
-    rows = predict(model, tok, examples, a.max_len or cfg["max_len"], a.batch_size, a.generate)
-    bias = None if a.generate or a.no_calibration else cfg.get("label_bias")  # offsets fitted on dev by train.py
+    rows = predict(model, tok, examples, a.max_len or saved["max_len"], a.batch_size, a.generate)
+    bias = None if a.generate or a.no_calibration else saved.get("label_bias")  # dev-fitted
     res, _ = calibrated_report(rows, bias)
     without = sorted({r["dataset"] for r in rows} - set(res["calibrated_datasets"]))
     if bias and without:
         print(f"note: the checkpoint's dev-fitted label offsets are for {', '.join(sorted(bias))} only; "
               f"{', '.join(without)} is scored without offsets")
-    return rows, res
-
-def show(title: str, res: dict, split: str) -> None:
-    """One line per dataset: weighted F1 (and without the label offsets, when they were applied), accuracy..."""
-    before = res.get("uncalibrated_weighted_f1", {})
-    for name, m in res.items():
-        if isinstance(m, dict) and "weighted_f1" in m:
-            offsets = name in res.get("calibrated_datasets", []) or (name == "union" and res.get("calibrated"))
-            raw = f" ({100 * before[name]:.2f} without the dev-fitted label offsets)" if offsets else ""
-            print(f"{title}{name} {split}: weighted F1 {100 * m['weighted_f1']:.2f}{raw}  accuracy "
-                  f"{100 * m['accuracy']:.2f}  macro F1 {100 * m['macro_f1']:.2f}  invalid {m['invalid']}  n={m['n']}")
-
-def show_classes(m: dict) -> None:
-    """Per-class precision, recall, F1 (%) and support, then the confusion matrix (rows gold, columns predicted)."""
-    labels = m["labels"]
-    width = max(len("gold / predicted"), *map(len, labels)) + 2
-    print(f"{'':{width}}precision  recall      F1  support")
-    for label in labels:
-        c = m["per_class"][label]
-        scores = f"{100 * c['precision']:9.2f}{100 * c['recall']:8.2f}{100 * c['f1']:8.2f}"
-        print(f"{label:{width}}{scores}{c['support']:9d}")
-    print("gold / predicted".ljust(width) + "".join(f"{label[:8]:>9}" for label in labels))
-    for label, row in zip(labels, m["confusion"]):
-        print(f"{label:{width}}" + "".join(f"{n:9d}" for n in row))
+    return apply_offsets(rows, bias or {}), res
 
 def main(argv=None):
     a = parse_args(argv)
     if a.input:
         return labelling.main(a, predict)  # label.py: your own conversations
-    cfg = dict(data="meld", window=a.window, max_len=data.MAX_LEN)  # --zero-shot
+    saved = dict(data="meld", window=a.window, max_len=data.MAX_LEN)  # --zero-shot
     if a.ckpt:
         ckpt = cli.read_checkpoint(a.ckpt)
-        if a.model != "default":  # the base model moved: the checkpoint's model_args still guard its shapes
+        if a.model != "default":  # the base model moved; its shapes are still checked
             ckpt["config"]["model"] = str(convert.model_dir(a.model).resolve())
-        cfg = dict(convert.run_config(ckpt, a.ckpt), label_bias=ckpt.get("label_bias"))  # as trained
-    out = results_dir(a, cfg["data"])
+        saved = dict(convert.run_config(ckpt, a.ckpt),  # as trained
+                     label_bias=ckpt.get("label_bias"))
+    out = cli.results_dir(a, saved["data"])
     cli.check_writable(out)
     if a.ckpt:
         model, tok, _ = load_checkpoint(a.ckpt, a.device, ckpt=ckpt)
@@ -318,29 +259,26 @@ def main(argv=None):
     t0 = time.time()
     descriptions = data.load_descriptions(a.descriptions) if a.descriptions else None
     keep = (lambda e: e["has_description"]) if a.described_only else None
-    rows, res = evaluate(model, tok, a, cfg, descriptions, keep)
+    rows, res = evaluate_split(model, tok, a, saved, descriptions, keep)
     res["seconds"] = round(time.time() - t0, 1)
-    show("", res, a.split)
-    for name in data.datasets_for(a.data or cfg["data"], a.data_dir):
-        show_classes(res[name])
+    cli.show_results("", res, a.split)
+    for name in data.datasets_for(a.data or saved["data"], a.data_dir):
+        cli.show_classes(res[name])
     if descriptions:
-        res["described_utterances"] = compare_descriptions(model, tok, a, cfg, rows, len(descriptions))
-    print("predicted:", dict(Counter(r["pred"] for r in rows).most_common()))
-    out.mkdir(parents=True, exist_ok=True)  # scores first, then the files, each written whole
-    cli.atomic_write(out / "metrics.json", json.dumps(res, indent=1))
-    cli.atomic_write(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    print(f"wrote {out / 'metrics.json'} and {out / 'predictions.jsonl'} ({res['seconds']} s)")
+        res["described_utterances"] = compare_descriptions(model, tok, a, saved, rows, len(descriptions))
+    cli.write_results(out, res, rows)
 
-def compare_descriptions(model, tok, a, cfg: dict, rows: list[dict], n_records: int) -> dict:
-    """Score the utterances that have a description again without it: the with/without comparison."""
+def compare_descriptions(model, tok, a, saved: dict, rows: list[dict], n_records: int) -> dict:
+    """Score the utterances that have a description again without it: the with/without
+    comparison."""
     described = {data.utterance_key(r, a.split) for r in rows if r["described"]}
     print(f"{len(described)} of {n_records} descriptions matched an utterance of {a.split}")
     with_it = [r for r in rows if data.utterance_key(r, a.split) in described]
     keep = lambda e: data.utterance_key(e, a.split) in described  # noqa: E731
-    _, without = evaluate(model, tok, a, cfg, None, keep)
+    _, without = evaluate_split(model, tok, a, saved, None, keep)
     res = {"n": len(described), "with_description": report(with_it), "without": without}
-    show("  with it:    ", res["with_description"], a.split)
-    show("  without it: ", res["without"], a.split)
+    cli.show_results("  with it:    ", res["with_description"], a.split)
+    cli.show_results("  without it: ", res["without"], a.split)
     return res
 
 if __name__ == "__main__":

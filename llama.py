@@ -1,8 +1,11 @@
-"""LLaMA-family decoder in plain PyTorch: model, KV cache, generation, label scoring, loading, tokenizers.
+"""LLaMA-family decoder in plain PyTorch: model, KV cache, generation, label scoring, loading; the
+tokenizers are in tokenizer.py.
 
-Follows LLaMA (Touvron et al. 2023, arXiv 2302.13971, 2307.09288, section 2) and Meta's `model.py`: pre-norm
-RMSNorm, rotary embedding (half-split, as the Hugging Face folders it loads), grouped-query attention, SwiGLU.
-Shapes: B batch, T new tokens, S cached + new tokens, H heads, K kv heads, D head_dim, C dim, V vocab_size."""
+Follows LLaMA (Touvron et al. 2023, arXiv 2302.13971, 2307.09288, section 2) and Meta's `model.py`:
+pre-norm RMSNorm, rotary embedding (half-split, as the Hugging Face folders it loads), grouped-query
+attention, SwiGLU. Shapes: B batch, T new tokens, S cached + new tokens, H heads, K kv heads, D
+head_dim, C dim (the model width), V vocab_size; in label scoring M candidates (labels) of at most L
+tokens after each prompt."""
 import math
 import os
 import re
@@ -14,8 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cli
-
-FOLDER = "a Hugging Face LLaMA folder with config.json, *.safetensors and tokenizer.model or tokenizer.json"
+from tokenizer import FOLDER, Tokenizer, load_tokenizer  # noqa: F401 (callers use llama.load_tokenizer)
 
 @dataclass
 class ModelArgs:
@@ -34,7 +36,7 @@ class ModelArgs:
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelArgs":
-        """From HF config.json; rope: `rope_theta` + `rope_scaling`, or `rope_parameters` (HF 5); KeyError."""
+        """From HF config.json (rope: rope_theta + rope_scaling, or HF 5's rope_parameters)."""
         rope = cfg.get("rope_parameters") or {}
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
@@ -56,7 +58,7 @@ class ModelArgs:
                    rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)), rope_scaling=scaling)
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 and cast back (LLaMA section 2.2; HF LlamaRMSNorm)."""
+    """x / rms(x) * weight, in float32 and cast back (LLaMA section 2.2; HF LlamaRMSNorm)."""
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -68,7 +70,7 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * inv_rms).to(x.dtype)
 
 def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
-    """Inverse frequencies (D/2,) float32; Llama 3.1 scaling if configured (HF _compute_llama3_parameters)."""
+    """Inverse frequencies (D/2,) float32, Llama 3.1 scaled if configured (as HF computes them)."""
     exponents = torch.arange(0, args.head_dim, 2, device=device, dtype=torch.float32) / args.head_dim
     inv = 1.0 / args.rope_theta ** exponents
     s = args.rope_scaling
@@ -78,18 +80,19 @@ def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
     lo, hi = s["low_freq_factor"], s["high_freq_factor"]
     wavelen = 2 * math.pi / inv
     smooth = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)
-    scaled = torch.where(wavelen > old / lo, inv / s["factor"], inv)  # low frequencies / factor, high kept
+    scaled = torch.where(wavelen > old / lo, inv / s["factor"], inv)  # low frequencies / factor
     mid = (wavelen <= old / lo) & (wavelen >= old / hi)  # between the two: a blend
     return torch.where(mid, (1 - smooth) * inv / s["factor"] + smooth * inv, scaled)
 
 def apply_rope(x, cos, sin):
-    """Rotate (B, H, T, D) by angles given as cos/sin (B, 1, T, D/2); half-split pairs (i, i + D/2)."""
+    """Rotate (B, H, T, D) by angles as cos/sin (B, 1, T, D/2); half-split pairs (i, i + D/2)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 class KVCache:
-    """Keys/values of earlier tokens per layer, k[i], v[i] (B, K, S, D), and their mask (B, S), False at padding.
-    A forward pass attends to them; it extends them only if `grow` (a shared prefix in training does not grow)."""
+    """Keys/values of earlier tokens per layer, k[i], v[i] (B, K, S, D), and their mask (B, S),
+    False at padding. A forward pass attends to them; it extends them only if `grow` (a shared
+    prefix in training does not grow)."""
     def __init__(self, n_layers: int):
         self.k = [None] * n_layers
         self.v = [None] * n_layers
@@ -107,16 +110,17 @@ class KVCache:
         return c
 
 def attend(q, k, v, attn_mask, repeat_kv: bool | None = None):
-    """SDPA of q (B, H, T, D) over k, v (B, K, S, D), K dividing H: (B, H, T, D). Grouped heads either go to
-    SDPA as they are (enable_gqa) or are repeated to H first (repeat_kv). CUDA runs enable_gqa with an attn_mask
-    only in its math kernel, which builds the (B, H, T, S) scores, so there a mask means repeating (None: that
-    choice). Both give the same output (tests/test_bench.py). On the CPU enable_gqa stays: it copies nothing, and
-    timings on a shared AMX host could not tell the two apart."""
+    """SDPA of q (B, H, T, D) over k, v (B, K, S, D), K dividing H: (B, H, T, D). Grouped heads
+    either go to SDPA as they are (enable_gqa) or are repeated to H first (repeat_kv). CUDA runs
+    enable_gqa with an attn_mask only in its math kernel, which builds the (B, H, T, S) scores, so
+    there a mask means repeating (None: that choice). Both give the same output
+    (tests/test_bench.py). On the CPU enable_gqa stays: it copies nothing, and timings on a shared
+    AMX host could not tell the two apart."""
     groups = q.shape[1] // k.shape[1]
     if repeat_kv is None:
         repeat_kv = q.is_cuda and attn_mask is not None
     if repeat_kv and groups > 1:
-        k = k.repeat_interleave(groups, dim=1)  # (B, H, S, D): kv head j serves query heads j*groups..
+        k = k.repeat_interleave(groups, dim=1)  # (B, H, S, D)
         v = v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                           enable_gqa=k.shape[1] != q.shape[1])
@@ -132,13 +136,13 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x, cos, sin, attn_mask, past_k=None, past_v=None):
-        """Output (B, T, C) and all keys and values (B, K, S, D): the past ones (B or 1 rows), then these."""
+        """Output (B, T, C) and all keys and values (B, K, S, D): past (B or 1 rows), then new."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if past_k is not None:  # a one-row past (a shared prefix) is broadcast to every row, not copied
+        if past_k is not None:  # a one-row past is broadcast
             k = torch.cat([past_k.expand(B, -1, -1, -1), k], dim=2)  # (B, K, S, D)
             v = torch.cat([past_v.expand(B, -1, -1, -1), v], dim=2)
         y = attend(q, k, v, attn_mask)  # (B, H, T, D)
@@ -165,15 +169,16 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(args)
 
     def forward(self, x, cos, sin, attn_mask, past_k=None, past_v=None):
-        """(x, keys, values): the past keys and values are plain inputs, not a cache grown in place, so that
-        activation checkpointing can run a block twice."""
+        """(x, keys, values): the past keys and values are plain inputs, not a cache grown in place,
+        so that activation checkpointing can run a block twice."""
         h, k, v = self.attention(self.attention_norm(x), cos, sin, attn_mask, past_k, past_v)
         x = x + h
         return x + self.feed_forward(self.ffn_norm(x)), k, v
 
 def padded_positions(mask, cache):
-    """Rotary positions (B, T) and attention mask (B, 1, T, S) bool, for mask (B, T) True at real tokens.
-    A position counts the real tokens before it, cached too, as in an unpadded row. Sets cache.mask."""
+    """Rotary positions (B, T) and attention mask (B, 1, T, S) bool, for mask (B, T) True at real
+    tokens. A position counts the real tokens before it, cached too, as in an unpadded row. Sets
+    cache.mask."""
     past = mask[:, :0]  # (B, S - T): no earlier tokens
     if cache is not None and cache.mask is not None:
         past = cache.mask.expand(mask.shape[0], -1)  # a one-row shared prefix counts for every row
@@ -201,10 +206,10 @@ class Transformer(nn.Module):
         self.checkpointing = 0  # activation checkpointing of the first N blocks, set by train.py
 
     def forward(self, tokens, mask=None, cache=None, logits_at=None):
-        """Logits float32 (B, T, V), or (N, V) at the N positions logits_at (bool (B, T) or index) picks, as
-        the head is a small model's largest matmul. tokens (B, T) int64; mask (B, T) bool, True at real
-        tokens, padding anywhere (no mask, no cache: fast causal path); cache: a KVCache of earlier tokens, grown
-        in place unless cache.grow is False."""
+        """Logits float32 (B, T, V), or (N, V) at the N positions logits_at (bool (B, T) or index)
+        picks, as the head is a small model's largest matmul. tokens (B, T) int64; mask (B, T) bool,
+        True at real tokens, padding anywhere (no mask, no cache: fast causal path); cache: a
+        KVCache of earlier tokens, grown in place unless cache.grow is False."""
         B, T = tokens.shape
         if mask is None and cache is None:  # the fast path: SDPA's is_causal, no mask tensor
             pos = torch.arange(T, device=tokens.device).expand(B, T)
@@ -215,8 +220,9 @@ class Transformer(nn.Module):
         return self.forward_masked(tokens, pos, attn_mask, cache, logits_at)
 
     def forward_masked(self, tokens, pos, attn_mask, cache=None, logits_at=None):
-        """forward with the rotary positions pos (B, T) int64 and the attention mask (B, 1, T, S) bool (None:
-        causal) given, for any attention pattern (score_continuations' candidates side by side in one row)."""
+        """forward with the rotary positions pos (B, T) int64 and the attention mask (B, 1, T, S)
+        bool (None: causal) given, for any attention pattern (score_continuations' candidates side
+        by side in one row)."""
         freqs = rope_frequencies(self.args, tokens.device)  # (D/2,)
         angles = pos.clamp(min=0)[:, None, :, None].float() * freqs  # (B, 1, T, D/2), float32
         dtype = self.tok_embeddings.weight.dtype
@@ -239,15 +245,16 @@ class Transformer(nn.Module):
         return self.output(self.norm(h)).float()
 
 # ---------------------------------------------------------------- generation and label scoring
+LAST = (slice(None), -1)  # logits_at for the last position of every row
 @torch.inference_mode()
 def generate(model, prompt: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
-    """Greedy new ids with the KV cache (Meta's generation.py at temperature 0); stops after eos_id, kept."""
+    """Greedy new ids with the KV cache (Meta's generation.py at temperature 0), up to eos_id."""
     device = model.tok_embeddings.weight.device
     cache = KVCache(model.args.n_layers)
     x = torch.tensor([prompt], device=device)  # (1, T), then (1, 1) per new token
     out = []
     for _ in range(max_new_tokens):
-        logits = model(x, cache=cache, logits_at=(slice(None), -1))[0]  # (V,) at the last position
+        logits = model(x, cache=cache, logits_at=LAST)[0]  # (V,) at the last position
         nxt = int(logits.argmax())
         out.append(nxt)
         if nxt == eos_id:
@@ -256,7 +263,7 @@ def generate(model, prompt: list[int], max_new_tokens: int, eos_id: int | None =
     return out
 
 def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids (N, L) int64 right-padded with pad_id, and their mask (N, L) bool; L is the longest length."""
+    """Ids (N, L) int64 right-padded with pad_id and their mask (N, L) bool; L the longest."""
     ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, device=device)
     mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)
     for i, s in enumerate(seqs):
@@ -266,53 +273,58 @@ def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
 
 @torch.inference_mode()
 def prefill(model, ids: list[int]) -> KVCache:
-    """The one-row KV cache of `ids`: a prefix that many prompts share, run once (score_continuations' prefix)."""
+    """The one-row KV cache of `ids`, a prefix many prompts share (score_continuations' prefix)."""
     cache = KVCache(model.args.n_layers)
     x = torch.tensor([ids], device=model.tok_embeddings.weight.device)  # (1, P)
-    model(x, cache=cache, logits_at=(slice(None), -1))  # the head at one position only: its output is not used
+    model(x, cache=cache, logits_at=LAST)  # the head at one position only: its output is not used
     return cache
 
 def candidate_mask(cache_mask: torch.Tensor, cand_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary positions (B, N) and attention mask (B, 1, N, S + N) bool for C candidates of L tokens each, set
-    side by side (N = C * L) after every row of a cache whose mask is cache_mask (B, S): a candidate's token j
-    sits at position (the row's real cached tokens) + j and sees those cached tokens and its own tokens up to j,
-    never another candidate's. cand_mask (C, L) bool, True at real candidate tokens."""
-    C, L = cand_mask.shape
+    """Rotary positions (B, N) and attention mask (B, 1, N, S + N) bool for M candidates of L tokens
+    each, set side by side (N = M * L) after every row of a cache whose mask is cache_mask (B, S): a
+    candidate's token j sits at position (the row's real cached tokens) + j and sees those cached
+    tokens and its own tokens up to j, never another candidate's. cand_mask (M, L) bool, True at
+    real candidate tokens."""
+    M, L = cand_mask.shape
     B = cache_mask.shape[0]
     j = torch.arange(L, device=cache_mask.device)
-    pos = cache_mask.sum(1, keepdim=True) + j.repeat(C)  # (B, N)
-    which = torch.arange(C, device=cache_mask.device).repeat_interleave(L)  # (N,) the candidate of each slot
-    own = (which[:, None] == which[None, :]) & (j.repeat(C)[:, None] >= j.repeat(C)[None, :])  # (N, N)
+    pos = cache_mask.sum(1, keepdim=True) + j.repeat(M)  # (B, N)
+    which = torch.arange(M, device=cache_mask.device).repeat_interleave(L)  # (N,)
+    # (N, N)
+    own = (which[:, None] == which[None, :]) & (j.repeat(M)[:, None] >= j.repeat(M)[None, :])
     own = own & cand_mask.reshape(1, -1)  # padding of a candidate is never a key
-    keys = torch.cat([cache_mask[:, None, :].expand(B, C * L, -1), own.expand(B, -1, -1)], dim=2)  # (B, N, S+N)
+    # (B, N, S+N)
+    keys = torch.cat([cache_mask[:, None, :].expand(B, M * L, -1), own.expand(B, -1, -1)], dim=2)
     return pos, keys[:, None]
 
 @torch.inference_mode()
 def score_continuations(model, prompts: list[list[int]], candidates: list[list[int]], pad_id: int,
                         prefix: KVCache | None = None):
-    """Summed token log-probs (len(prompts), len(candidates)) float32 of each candidate after each prompt.
-    A prompt runs once (right-padded, masked); then every candidate's later tokens run side by side in one row
-    per prompt, attending to the prompt's cache and to their own earlier tokens (candidate_mask): the cache is
-    never copied per candidate, so its memory does not grow with the number of candidates.
-    prefix: a one-row cache (`prefill`) of tokens that come before every prompt, or None; prompts exclude them."""
+    """Summed token log-probs (len(prompts), len(candidates)) float32 of each candidate after each
+    prompt. A prompt runs once (right-padded, masked); then every candidate's later tokens run side
+    by side in one row per prompt, attending to the prompt's cache and to their own earlier tokens
+    (candidate_mask): the cache is never copied per candidate, so its memory does not grow with the
+    number of candidates. prefix: a one-row cache (`prefill`) of tokens that come before every
+    prompt, or None; prompts exclude them."""
     device = model.tok_embeddings.weight.device
-    B, C = len(prompts), len(candidates)
+    B, M = len(prompts), len(candidates)
     x, m = pad_right(prompts, pad_id, device)  # (B, T)
-    cand, cm = pad_right(candidates, pad_id, device)  # (C, L)
+    cand, cm = pad_right(candidates, pad_id, device)  # (M, L)
     L = cand.shape[1]
     cache = KVCache(model.args.n_layers) if prefix is None else prefix.expand(B)
-    last = torch.tensor([len(p) - 1 for p in prompts], device=device)  # (B,) each prompt's last real token
-    first = model(x, mask=m, cache=cache, logits_at=(torch.arange(B, device=device), last))  # (B, V)
+    last = torch.tensor([len(p) - 1 for p in prompts], device=device)  # (B,) last real tokens
+    # (B, V)
+    first = model(x, mask=m, cache=cache, logits_at=(torch.arange(B, device=device), last))
     first = first.log_softmax(-1)
-    scores = first[:, cand[:, 0]]  # (B, C): log p(first candidate token | prompt)
+    scores = first[:, cand[:, 0]]  # (B, M): log p(first candidate token | prompt)
     if L == 1:
         return scores.float()
-    inputs = cand[:, :-1].reshape(1, -1).expand(B, -1)  # (B, C*(L-1)): every candidate but its last token
+    inputs = cand[:, :-1].reshape(1, -1).expand(B, -1)  # (B, M*(L-1)): all but last
     pos, attn_mask = candidate_mask(cache.mask, cm[:, :-1])
     cache.grow = False  # the candidates attend to the prompt's cache; they do not extend it
-    logp = model.forward_masked(inputs, pos, attn_mask, cache).log_softmax(-1)  # (B, C*(L-1), V)
-    nxt = cand[:, 1:].reshape(1, -1, 1).expand(B, -1, 1)  # (B, C*(L-1), 1): the token each slot predicts
-    tok_lp = logp.gather(-1, nxt)[..., 0].view(B, C, L - 1)
+    logp = model.forward_masked(inputs, pos, attn_mask, cache).log_softmax(-1)  # (B, M*(L-1), V)
+    nxt = cand[:, 1:].reshape(1, -1, 1).expand(B, -1, 1)  # (B, M*(L-1), 1): what each predicts
+    tok_lp = logp.gather(-1, nxt)[..., 0].view(B, M, L - 1)
     return (scores + (tok_lp * cm[:, 1:]).sum(-1)).float()  # padding tokens count 0
 
 # ---------------------------------------------------------------- loading a Hugging Face folder
@@ -323,7 +335,7 @@ HF_NAMES = {"tok_embeddings": "model.embed_tokens", "output": "lm_head", "attent
             "feed_forward.w3": "mlp.up_proj", "ffn_norm": "post_attention_layernorm", "norm": "model.norm"}
 
 def ours_to_hf(name: str) -> str:
-    """'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight'; KeyError if none."""
+    """'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight'; KeyError."""
     module, _, tensor = name.rpartition(".")  # tensor: weight, or lora_A / lora_B of an adapter
     if module.startswith("layers."):
         _, i, part = module.split(".", 2)
@@ -331,7 +343,7 @@ def ours_to_hf(name: str) -> str:
     return f"{HF_NAMES[module]}.{tensor}"
 
 def read_args(path: str | os.PathLike) -> ModelArgs:
-    """ModelArgs of a model folder's config.json; cli.UserError naming the file if it is not a LLaMA config."""
+    """ModelArgs of a folder's config.json; cli.UserError naming the file if it is not LLaMA's."""
     file = Path(path) / "config.json"
     cfg = cli.read_json(file)
     try:
@@ -339,15 +351,17 @@ def read_args(path: str | os.PathLike) -> ModelArgs:
     except (KeyError, TypeError, ValueError) as e:
         raise cli.UserError(f"{file}: not a LLaMA config ({type(e).__name__}: {e})") from None
 
-ROPE_BUFFER = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # 2023 folders store it
+ROPE_BUFFER = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # in 2023 folders
 
 def check_rope_buffer(stored: torch.Tensor, args: ModelArgs, key: str, file: Path) -> None:
-    """Check a stored `rotary_emb.inv_freq` buffer (D/2,) against rope_frequencies(args) before it is dropped.
+    """Check a stored `rotary_emb.inv_freq` buffer (D/2,) against rope_frequencies(args) before it
+    is dropped.
 
-    LLaMA-2 folders of 2023 (meta-llama/Llama-2-7b-hf, many fine-tunes) keep this non-persistent buffer in their
-    shards, in float32 or, after a .half(), float16. It is compared in float32 within the storing dtype's
-    rounding: 4 eps relative, plus the spacing of its subnormals for the smallest frequencies. cli.UserError
-    naming the key and file for another shape or other values (e.g. a scaled rope config.json does not say)."""
+    LLaMA-2 folders of 2023 (meta-llama/Llama-2-7b-hf, many fine-tunes) keep this non-persistent
+    buffer in their shards, in float32 or, after a .half(), float16. It is compared in float32
+    within the storing dtype's rounding: 4 eps relative, plus the spacing of its subnormals for the
+    smallest frequencies. cli.UserError naming the key and file for another shape or other values
+    (e.g. a scaled rope config.json does not say)."""
     want = rope_frequencies(args)  # (D/2,) float32
     if stored.shape != want.shape:
         raise cli.UserError(f"{file}: {key} has shape {tuple(stored.shape)}; config.json gives head_dim "
@@ -362,8 +376,9 @@ def check_rope_buffer(stored: torch.Tensor, args: ModelArgs, key: str, file: Pat
                             f"{stored[worst].item():.6g}, expected {want[worst].item():.6g}")
 
 def read_tensors(path: Path, files: list[str], want: dict[str, str], args: ModelArgs, device, dtype):
-    """({our name: tensor in dtype}, [unexpected HF keys]) from the safetensors `files` of folder `path`.
-    want maps HF names to ours; rotary inv_freq buffers are checked (check_rope_buffer) and dropped."""
+    """({our name: tensor in dtype}, [unexpected HF keys]) from the safetensors `files` of folder
+    `path`. want maps HF names to ours; rotary inv_freq buffers are checked (check_rope_buffer) and
+    dropped."""
     from safetensors import safe_open  # here, not at the top: `import llama` stays light
     state = {}
     unexpected = []
@@ -378,18 +393,19 @@ def read_tensors(path: Path, files: list[str], want: dict[str, str], args: Model
                     unexpected.append(key)
     return state, unexpected
 
-def load(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[Transformer, "Tokenizer"]:
-    """(Transformer in eval mode, Tokenizer) from a FOLDER: model.safetensors or the shards of its index.json,
-    built on the meta device and assigned in `dtype`, no float32 detour (as gpt-fast). Stored rotary inv_freq
-    buffers are checked against config.json and dropped (check_rope_buffer). cli.MissingError for a missing
-    file; cli.UserError for a non-LLaMA config.json, missing or unexpected tensors (named), or an inv_freq
-    buffer that config.json's rope does not give."""
+def load(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[Transformer, Tokenizer]:
+    """(Transformer in eval mode, Tokenizer) from a FOLDER: model.safetensors or the shards of its
+    index.json, built on the meta device and assigned in `dtype`, no float32 detour (as gpt-fast).
+    Stored rotary inv_freq buffers are checked against config.json and dropped (check_rope_buffer).
+    cli.MissingError for a missing file; cli.UserError for a non-LLaMA config.json, missing or
+    unexpected tensors (named), or an inv_freq buffer that config.json's rope does not give."""
     path = Path(path)
     args = read_args(path)
     with torch.device("meta"):
         model = Transformer(args)
     tied = args.tie_embeddings  # then lm_head.weight is the embedding: neither needed nor refused
-    want = {ours_to_hf(n): n for n in model.state_dict() if not (tied and n == "output.weight")}  # HF -> ours
+    # HF -> ours
+    want = {ours_to_hf(n): n for n in model.state_dict() if not (tied and n == "output.weight")}
     index = path / "model.safetensors.index.json"
     shards = cli.read_json(index)["weight_map"].values() if index.exists() else ["model.safetensors"]
     files = sorted(set(shards))
@@ -400,7 +416,7 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[Tr
     if missing or unexpected:
         raise cli.UserError(f"{path}: tensors do not fit config.json: missing {missing[:5]}, unexpected "
                             f"{unexpected[:5]} ({len(missing)} and {len(unexpected)} in all)")
-    shapes = {name: t.shape for name, t in model.state_dict().items()}  # as config.json gives them (meta)
+    shapes = {name: t.shape for name, t in model.state_dict().items()}  # config.json's
     wrong = [f"{ours_to_hf(n)} {tuple(t.shape)} (config.json: {tuple(shapes[n])})" for n, t in state.items()
              if t.shape != shapes[n]]
     if wrong:
@@ -410,40 +426,3 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[Tr
     if tied:
         model.output.weight = model.tok_embeddings.weight
     return model.eval(), load_tokenizer(path)
-
-# ---------------------------------------------------------------- tokenizers
-class Tokenizer:
-    """sentencepiece `tokenizer.model` (LLaMA-1/2) or `tokenizer.json` (LLaMA-3, SmolLM2); BOS/EOS only when
-    asked. pad_id falls back to eos_id (losses and scores use masks). cli.MissingError without either file."""
-    def __init__(self, path: str | os.PathLike):
-        path = Path(path)
-        self.sp = None
-        if (path / "tokenizer.model").exists():
-            import sentencepiece
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
-            self.vocab_size = self.sp.vocab_size()
-            cfg = dict(bos_token_id=self.sp.bos_id(), eos_token_id=self.sp.eos_id(),
-                       pad_token_id=self.sp.pad_id())  # the names config.json uses
-        elif (path / "tokenizer.json").exists():
-            from tokenizers import Tokenizer as HFTokenizer
-            self.hf = HFTokenizer.from_file(str(path / "tokenizer.json"))
-            self.vocab_size = self.hf.get_vocab_size()
-            cfg = cli.read_json(path / "config.json") if (path / "config.json").exists() else {}
-        else:
-            raise cli.MissingError(f"{path}: neither tokenizer.model nor tokenizer.json; expected {FOLDER}")
-        self.bos_id = cfg.get("bos_token_id")
-        eos = cfg.get("eos_token_id")
-        self.eos_id = eos[0] if isinstance(eos, list) else eos
-        pad = cfg.get("pad_token_id")
-        self.pad_id = pad if pad is not None and pad >= 0 else self.eos_id
-
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = self.sp.encode(text) if self.sp else self.hf.encode(text, add_special_tokens=False).ids
-        bos_ids = [self.bos_id] if bos and self.bos_id is not None else []  # a model without BOS starts bare
-        return bos_ids + ids + ([self.eos_id] if eos else [])
-
-    def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(ids) if self.sp else self.hf.decode(ids, skip_special_tokens=True)
-
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    return Tokenizer(path)

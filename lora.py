@@ -2,9 +2,9 @@
 
     y = x W^T + (dropout(x) A^T B^T) * lora_alpha / r        W: (out, in) frozen, A: (r, in), B: (out, r)
 
-A starts Kaiming-uniform and B at zero, so a fresh adapter leaves the model unchanged (microsoft/LoRA
-loralib). The base weight keeps its own name (`...wq.weight`), so a merged state dict has the base format.
-"""
+A starts Kaiming-uniform and B at zero, so a fresh adapter leaves the model unchanged
+(microsoft/LoRA loralib). The base weight keeps its own name (`...wq.weight`), so a merged state
+dict has the base format."""
 import math
 
 import torch
@@ -13,25 +13,27 @@ import torch.nn.functional as F
 
 import cli
 
-TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # the linear layers of a LLaMA block (llama.py's names)
+TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # a LLaMA block's linear layers
 
 def drop(x: torch.Tensor, p: float) -> torch.Tensor:
-    """x with each element zeroed with probability p, NOT rescaled by 1 / (1 - p): the adapter rescales its narrow
-    (..., r) middle instead (LoRALinear.forward), as A is linear. One bool mask (1 byte an element, kept for
-    backward), where ATen's CPU dropout draws a float mask, divides it by 1 - p and multiplies: on the CPU recipe's
-    step those passes cost more than the matmuls of the adapters they feed."""
+    """x with each element zeroed with probability p, NOT rescaled by 1 / (1 - p): the adapter
+    rescales its narrow (..., r) middle instead (LoRALinear.forward), as A is linear. One bool mask
+    (1 byte an element, kept for backward), where ATen's CPU dropout draws a float mask, divides it
+    by 1 - p and multiplies: on the CPU recipe's step those passes cost more than the matmuls of the
+    adapters they feed."""
     keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
     return torch.where(keep, x, 0)
 
 class SharedDropout(nn.Module):
-    """Dropout (`drop`, unscaled) whose one mask the `users` adapters reading the same input share (wq, wk, wv of
-    an Attention; w1, w3 of a FeedForward), as litgpt's fused qkv adapter does: each adapter still sees dropout at
-    rate p. One user: plain dropout.
+    """Dropout (`drop`, unscaled) whose one mask the `users` adapters reading the same input share
+    (wq, wk, wv of an Attention; w1, w3 of a FeedForward), as litgpt's fused qkv adapter does: each
+    adapter still sees dropout at rate p. One user: plain dropout.
 
-    The first user draws the mask from the RNG, the last one releases it, so nothing outlives the call. Masks are
-    drawn in a fixed order within each block; activation checkpointing restores the RNG state before it recomputes
-    a block, so backward sees exactly the masks the forward drew. `reset` (a forward pre-hook of the module, see
-    apply_lora) starts each call of the module afresh, even after an interrupted one."""
+    The first user draws the mask from the RNG, the last one releases it, so nothing outlives the
+    call. Masks are drawn in a fixed order within each block; activation checkpointing restores the
+    RNG state before it recomputes a block, so backward sees exactly the masks the forward drew.
+    `reset` (a forward pre-hook of the module, see apply_lora) starts each call of the module
+    afresh, even after an interrupted one."""
     def __init__(self, p: float, users: int = 1):
         super().__init__()
         self.p = p
@@ -52,8 +54,8 @@ class SharedDropout(nn.Module):
         return out
 
 class LoRALinear(nn.Module):
-    """A frozen bias-free nn.Linear (as in LLaMA) plus a trainable float32 low-rank update of rank r > 0.
-    dropout: a rate, or a SharedDropout module that other adapters use too."""
+    """A frozen bias-free nn.Linear (as in LLaMA) plus a trainable float32 low-rank update of rank r
+    > 0. dropout: a rate, or a SharedDropout module that other adapters use too."""
     def __init__(self, base: nn.Linear, r: int, lora_alpha: float, dropout: float | SharedDropout = 0.0):
         super().__init__()
         self.weight = base.weight.requires_grad_(False)  # the same Parameter, frozen
@@ -61,17 +63,18 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.lora_A = nn.Parameter(base.weight.new_empty(r, base.in_features, dtype=torch.float32))
         self.lora_B = nn.Parameter(base.weight.new_zeros(base.out_features, r, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as loralib and peft
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as loralib, peft
         self.dropout = dropout if isinstance(dropout, nn.Module) else SharedDropout(dropout)
-        self.keep = 1 - self.dropout.p  # the dropped input is not rescaled: forward divides the middle by this
+        self.keep = 1 - self.dropout.p  # input not rescaled: forward divides the middle by this
 
     def forward(self, x):
-        """x W^T + (drop(x) A^T) (scale / keep) B^T, x (..., in) -> (..., out). The scalars multiply the (..., r)
-        middle, not the (..., out) output, and addmm adds the update into the base output inside one GEMM."""
+        """x W^T + (drop(x) A^T) (scale / keep) B^T, x (..., in) -> (..., out). The scalars multiply
+        the (..., r) middle, not the (..., out) output, and addmm adds the update into the base
+        output inside one GEMM."""
         y = F.linear(x, self.weight)
         if self.merged:
             return y
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)  # for a bf16 model outside autocast too (dev scoring)
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)  # bf16 outside autocast too
         gain = self.scale / self.keep if self.training else self.scale
         h = F.linear(self.dropout(x), a) * gain  # (..., r)
         return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), b.t()).view(y.shape)
@@ -82,7 +85,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """Fold the update into the base weight (in float32, then cast back); forward skips the branch."""
+        """Fold the update into the base weight (float32, cast back); forward skips the branch."""
         if not self.merged:
             self.weight.copy_((self.weight.float() + self.delta()).to(self.weight.dtype))
             self.merged = True
@@ -93,10 +96,10 @@ class LoRALinear(nn.Module):
             self.weight.copy_((self.weight.float() - self.delta()).to(self.weight.dtype))
             self.merged = False
 
-SHARED_INPUT = (("wq", "wk", "wv"), ("w1", "w3"))  # adapters that read one tensor in llama.py's forward
+SHARED_INPUT = (("wq", "wk", "wv"), ("w1", "w3"))  # adapters reading one tensor
 
 def shared_inputs(layers: list[tuple[nn.Module, str]]) -> dict[tuple[nn.Module, tuple], list[str]]:
-    """Group (module, target name) pairs by the tensor the targets read: {(module, group): [names]}."""
+    """(module, target) pairs grouped by the tensor they read: {(module, group): [names]}."""
     groups = {}
     for module, name in layers:
         group = next((g for g in SHARED_INPUT if name in g), (name,))
@@ -104,8 +107,9 @@ def shared_inputs(layers: list[tuple[nn.Module, str]]) -> dict[tuple[nn.Module, 
     return groups
 
 def apply_lora(model, targets=("wq", "wv"), r=8, lora_alpha=16, dropout=0.0, verbose=True) -> nn.Module:
-    """Freeze `model`, then swap every nn.Linear named in `targets` (TARGETS; the paper's q_proj, v_proj are
-    wq, wv) for a LoRALinear in place. cli.UserError, before any change, for a target matching no layer."""
+    """Freeze `model`, then swap every nn.Linear named in `targets` (TARGETS; the paper's q_proj,
+    v_proj are wq, wv) for a LoRALinear in place. cli.UserError, before any change, for a target
+    matching no layer."""
     layers = [(module, name) for module in model.modules() for name, child in module.named_children()
               if name in targets and isinstance(child, nn.Linear)]
     unmatched = sorted(set(targets) - {name for _, name in layers})
@@ -127,13 +131,13 @@ def apply_lora(model, targets=("wq", "wv"), r=8, lora_alpha=16, dropout=0.0, ver
     return model
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapter tensors: {'layers.0.attention.wq.lora_A': (r, in), '...lora_B': (out, r)}, float32."""
+    """The adapter tensors, float32: {'layers.0.attention.wq.lora_A': (r, in), ...}."""
     return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
 
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where) -> None:
-    """Load adapter tensors into a model that has had apply_lora; cli.UserError naming `where` on a misfit."""
+    """Load adapter tensors into a model after apply_lora; cli.UserError naming `where`."""
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)  # base weights are not in `state`
+        missing, unexpected = model.load_state_dict(state, strict=False)  # no base weights in state
     except RuntimeError as e:  # shape mismatches
         raise cli.UserError(f"{where}: adapter does not fit the model: {e}") from None
     missing = [k for k in missing if k.endswith((".lora_A", ".lora_B"))]

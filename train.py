@@ -1,16 +1,17 @@
 """Instruction-tune a LLaMA model with LoRA for emotion recognition in conversations (DialogueLLM).
 
-    python train.py --data meld                                  # embedded SmolLM2-135M, CPU recipe
-    python train.py --data meld --model /path/Llama-2-7b-hf      # on a GPU: the authors' released recipe
-    torchrun --nproc_per_node 2 train.py ...                     # data parallel
-    python train.py --dry-run --model DIR --gpu-mem 24           # the memory the run needs, from config.json alone
-    python train.py --grad-ckpt auto|all|none|N --dtype bfloat16 # checkpointed blocks; base weights' precision
-    python train.py --resume runs/meld/ckpt_last.pt              # continue a stopped run exactly
-    python train.py --export-peft DIR --from runs/meld/ckpt.pt   # or --export-merged DIR: a full HF checkpoint
-    python train.py --export-merged DIR --from CKPT --dtype float32 --shard-size 5  # its dtype, GB per shard
+    python train.py --data meld                                # embedded SmolLM2-135M, CPU recipe
+    python train.py --data meld --model /path/Llama-2-7b-hf    # GPU: the authors' released recipe
+    torchrun --nproc_per_node 2 train.py ...                   # data parallel
+    python train.py --dry-run --model DIR --gpu-mem 24         # the memory the run needs
+    python train.py --grad-ckpt auto|all|none|N --dtype bfloat16  # checkpointing; base precision
+    python train.py --resume runs/meld/ckpt_last.pt            # continue a stopped run exactly
+    python train.py --export-peft DIR --from runs/meld/ckpt.pt # or --export-merged DIR: full HF
+    python train.py --export-merged DIR --from CKPT --dtype float32 --shard-size 5  # GB per shard
 
-DialogueLLM (Zhang et al. 2023, arXiv 2310.11374, Sec. 3): one instruction per utterance, the loss on the answer
-(label + EOS) only. Every default lives once, in Config; fields left None come from RECIPES."""
+DialogueLLM (Zhang et al. 2023, arXiv 2310.11374, Sec. 3): one instruction per utterance, the loss
+on the answer (label + EOS) only. Every default lives once, in Config; fields left None come from
+RECIPES."""
 import argparse
 import json
 import math
@@ -57,12 +58,12 @@ class Config:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     grad_ckpt: str | None = None  # activation checkpointing: auto, all, none, or a number of blocks
-    gpu_mem: float | None = None  # GiB that --grad-ckpt auto and --dry-run plan for (None: the device's free memory)
-    dtype: str | None = None  # base weights and autocast activations: auto (cli.auto_dtype), float32, bfloat16
+    gpu_mem: float | None = None  # GiB --grad-ckpt auto and --dry-run plan for (None: free memory)
+    dtype: str | None = None  # base weights and autocast: auto (cli.auto_dtype), float32, bfloat16
     max_steps: int = 0  # stop after this many optimizer steps (0: the epochs decide)
     eval_every: int = 0  # dev evaluation every N steps (0: at the end of each epoch)
     dev_limit: int | None = None  # dev utterances used for model selection (None: all)
-    calibrate: bool = True  # fit per-label score offsets on dev (eval.fit_label_bias), saved with the adapter
+    calibrate: bool = True  # fit label offsets on dev (eval.fit_offsets), kept in ckpt.pt
     save_every: int = 50  # steps between ckpt_last.pt writes
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,25 +79,13 @@ RECIPES = {
 }
 DTYPES = ("auto", "float32", "bfloat16")
 
-def blocks_flag(value: str) -> str:
-    """--grad-ckpt: auto, all, none, or a number of blocks (the first ones are checkpointed)."""
-    if value in ("auto", "all", "none") or value.isdigit():
-        return value
-    raise argparse.ArgumentTypeError(f"expected auto, all, none or a number of blocks, got {value!r}")
-
-# How each flag is read; a field not listed is a string.
-FLAG_TYPES = dict(window=cli.natural_int, max_len=cli.positive_int, r=cli.positive_int, lora_alpha=cli.positive_float,
-                  dropout=cli.fraction, lr=cli.positive_float, warmup=cli.natural_int, epochs=cli.positive_float,
-                  batch_size=cli.positive_int, grad_accum=cli.positive_int, weight_decay=cli.fraction,
-                  grad_clip=cli.positive_float, grad_ckpt=blocks_flag, max_steps=cli.natural_int,
-                  gpu_mem=cli.positive_float, eval_every=cli.natural_int, dev_limit=cli.positive_int,
-                  calibrate=cli.boolean, save_every=cli.positive_int, seed=cli.natural_int)
 RUN_FILES = ("ckpt.pt", "ckpt_last.pt", "metrics.jsonl")
 RESUME_KEYS = ("config", "lora", "optimizer", "step", "best")
 
 def with_recipe(cfg: Config) -> Config:
-    """cfg with the fields left None taken from its device's recipe (RECIPES), and --dtype auto resolved (and
-    said) once here, so the checkpoint's config holds the dtype that ran and evaluation loads that one."""
+    """cfg with the fields left None taken from its device's recipe (RECIPES), and --dtype auto
+    resolved (and said) once here, so the checkpoint's config holds the dtype that ran and
+    evaluation loads that one."""
     recipe = RECIPES["cuda"] if cfg.device.startswith("cuda") else RECIPES["cpu"]
     for key, value in recipe.items():
         if getattr(cfg, key) is None:
@@ -108,19 +97,9 @@ def with_recipe(cfg: Config) -> Config:
     return cfg
 
 def parse_config(argv=None) -> tuple[Config, argparse.Namespace]:
-    """The run's Config (flags, then the device's recipe for fields left None) and the other flags; checked
-    before any work."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in fields(Config):
-        p.add_argument("--" + f.name.replace("_", "-"), type=FLAG_TYPES.get(f.name, str), default=f.default)
-    p.add_argument("--resume", metavar="CKPT", help="ckpt_last.pt to continue, with its saved config")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
-    p.add_argument("--dry-run", action="store_true", help="print the memory plan (memory_plan) and exit")
-    p.add_argument("--export-peft", metavar="DIR", help="write the adapter of --from as a Hugging Face peft adapter")
-    p.add_argument("--export-merged", metavar="DIR", help="write --from merged into a full Hugging Face checkpoint")
-    p.add_argument("--from", dest="src", metavar="CKPT", help="the checkpoint to export")
-    p.add_argument("--shard-size", type=cli.positive_float, metavar="GB",
-                   help="--export-merged: the most gigabytes per safetensors shard (default 5, as the Hub)")
+    """The run's Config (flags, then the device's recipe for fields left None) and the other flags;
+    checked before any work."""
+    p = cli.train_parser(__doc__.split("\n")[0], Config)
     a = p.parse_args(argv)
     cfg = with_recipe(Config(**{f.name: getattr(a, f.name) for f in fields(Config)}))
     if cfg.model != "default":  # a folder, or a Hub repo id pinned to the snapshot it resolves to now
@@ -132,27 +111,13 @@ def parse_config(argv=None) -> tuple[Config, argparse.Namespace]:
 
 # ---------------------------------------------------------------- set-up
 
-def setup_distributed(cfg: Config) -> tuple[int, int]:
-    """(world size, rank) from torchrun's environment; joins the process group when there are several."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    if cfg.grad_accum % world:
-        raise cli.UsageError(f"--grad-accum {cfg.grad_accum} must be a multiple of the {world} processes, so the "
-                             "global batch is the same as in one process")
-    if world > 1:
-        cuda = cfg.device.startswith("cuda")
-        dist.init_process_group("nccl" if cuda else "gloo")
-        if cuda:
-            cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(cfg.device)
-    return world, rank
-
 def load_model(cfg: Config, log):
-    """The base model frozen in cfg.dtype with float32 LoRA adapters, in training mode, checkpointing the blocks
-    that checkpointed_blocks picks; its tokenizer; AdamW over the adapters."""
+    """The base model frozen in cfg.dtype with float32 LoRA adapters, in training mode,
+    checkpointing the blocks that checkpointed_blocks picks; its tokenizer; AdamW over the
+    adapters."""
     torch.manual_seed(cfg.seed)  # the adapters' initial A
     folder = convert.model_dir(cfg.model)
-    blocks = memory.checkpointed_blocks(cfg, llama.read_args(folder), log)  # before the weights take device memory
+    blocks = memory.checkpointed_blocks(cfg, llama.read_args(folder), log)  # before loading
     model, tok = llama.load(folder, device=cfg.device, dtype=getattr(torch, cfg.dtype))
     lora.apply_lora(model, cfg.targets.split(","), cfg.r, cfg.lora_alpha, cfg.dropout, verbose=log is print)
     model.checkpointing = blocks
@@ -183,7 +148,7 @@ def load_data(cfg: Config, tok, log):
     return names, dev, encoded, per_epoch, total
 
 def count_steps(cfg: Config, n_train: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, total steps); UserError when the data or the schedule gives no step."""
+    """(optimizer steps per epoch, total steps); UserError if the data or schedule give no step."""
     per_epoch = math.ceil(n_train / cfg.batch_size) // cfg.grad_accum
     if per_epoch == 0:
         raise cli.UserError(f"{n_train} training examples make no optimizer step of --batch-size {cfg.batch_size}"
@@ -194,7 +159,7 @@ def count_steps(cfg: Config, n_train: int) -> tuple[int, int]:
     return per_epoch, total
 
 def make_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
-    """Length-grouped batches: shuffle, sort within chunks of 64 batches by length, cut, shuffle the batches."""
+    """Length-grouped batches: shuffle, sort chunks of 64 batches by length, cut, shuffle."""
     rng = random.Random(seed)
     order = list(range(len(lengths)))
     rng.shuffle(order)
@@ -207,139 +172,172 @@ def make_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[in
     return batches
 
 def collate(encoded: list[tuple[list[int], int]], pad_id: int, device):
-    """Right-pad (ids, n_answer) pairs: tokens (B, T) int64, `where` (B, T) bool at positions whose next token is
-    an answer token (label ids, EOS), and those tokens (N,). The mask comes from lengths, never from pad ids, so
-    the EOS survives when pad_id == eos_id."""
+    """Right-pad (ids, n_answer) pairs: tokens (B, T) int64, `where` (B, T) bool at the positions
+    that predict an answer token (label ids, EOS), and those tokens (N,). The answer is marked from
+    lengths, never from pad ids, so the EOS survives when pad_id == eos_id."""
     T = max(len(ids) for ids, _ in encoded)
     x = torch.full((len(encoded), T), pad_id, dtype=torch.long)
-    where = torch.zeros(len(encoded), T, dtype=torch.bool)
+    answer = torch.zeros(len(encoded), T, dtype=torch.bool)  # True at the answer tokens themselves
     for i, (ids, n_answer) in enumerate(encoded):
         x[i, :len(ids)] = torch.tensor(ids)
-        first = len(ids) - n_answer - 1  # the position that predicts the first answer token
-        where[i, first:len(ids) - 1] = True
-    next_tokens = x[:, 1:]  # (B, T-1): the token each position predicts
-    targets = next_tokens[where[:, :-1]]  # (N,)
-    return x.to(device), where.to(device), targets.to(device)
+        answer[i, len(ids) - n_answer:len(ids)] = True
+    targets = x[answer]  # (N,)
+    return x.to(device), predicting(answer).to(device), targets.to(device)
+
+def predicting(at: torch.Tensor) -> torch.Tensor:
+    """The next-token shift, in one place: the positions (B, T) bool whose next token `at` marks."""
+    return torch.cat([at[:, 1:], torch.zeros_like(at[:, :1])], dim=1)
 
 # ---------------------------------------------------------------- the loop
 
 def get_lr(step: int, total: int, lr: float, warmup: int) -> float:
-    """Linear warmup from lr/warmup to lr over `warmup` steps, then cosine decay to lr/10 at `total`."""
+    """Linear warmup from lr/warmup to lr over `warmup` steps, then cosine to lr/10 at `total`."""
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 def stopped(cfg: Config, problem: str, step: int) -> cli.UserError:
-    """The error that stops a run gone non-finite; it names the last good checkpoint only if there is one."""
+    """The error stopping a non-finite run, naming the last good checkpoint if there is one."""
     last = Path(cfg.out) / "ckpt_last.pt"
     kept = f"keeping the last good checkpoint {last}" if last.exists() else "no checkpoint was written yet"
     return cli.UserError(f"{problem} at step {step + 1}; stopped, {kept}")
 
+def answer_loss(model, x: torch.Tensor, where: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The paper's loss, plainly: the model on the batch x (B, T), cross-entropy summed over the
+    answer tokens `targets` (N,) that the positions `where` (B, T) predict. Training computes the
+    same logits faster with forward_shared; tests/test_train.py holds that path to this one."""
+    return F.cross_entropy(model(x, logits_at=where), targets, reduction="sum")
+
 def shared_length(x: torch.Tensor, where: torch.Tensor) -> int:
-    """How many leading positions every row of x (B, T) shares, stopping before the first position where a row's
-    loss is taken (`where`, (B, T) bool): at least the instruction header, more when rows share context."""
+    """How many leading positions every row of x (B, T) shares, stopping before the first position
+    where a row's loss is taken (`where`, (B, T) bool): at least the instruction header, more when
+    rows share context."""
     same = (x == x[:1]).all(0)  # (T,) every row has the first row's token here
     no_loss = ~where.any(0)  # (T,) no row takes its loss here
     leading = (same & no_loss).int().cumprod(0)  # (T,) 1 up to the first position that fails
     return int(leading.sum())
 
 def forward_shared(model, x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """Logits (N, V) float32 at the N positions `where` of x (B, T), as model(x, logits_at=where) computes them,
-    with the rows' shared prefix (shared_length, P tokens) run once as one row: its keys and values (1, K, P, D)
-    are broadcast to every row, and every row's gradient flows back through that one computation. LoRA dropout on
-    the prefix draws one mask for all rows: each row still sees dropout at the same rate, the rows one sample."""
+    """Logits (N, V) float32 at the N positions `where` of x (B, T), as model(x, logits_at=where)
+    computes them, with the rows' shared prefix (shared_length, P tokens) run once as one row: its
+    keys and values (1, K, P, D) are broadcast to every row, and every row's gradient flows back
+    through that one computation. LoRA dropout on the prefix draws one mask for all rows: each row
+    still sees dropout at the same rate, the rows one sample."""
     P = shared_length(x, where)
     if P == 0 or x.shape[0] == 1:
         return model(x, logits_at=where)
     prefix = llama.KVCache(model.args.n_layers)
-    model(x[:1, :P], cache=prefix, logits_at=where[:1, :P])  # (1, P); no loss is taken there: (0, V) logits
+    model(x[:1, :P], cache=prefix, logits_at=where[:1, :P])  # (1, P): (0, V) logits
     prefix.grow = False  # the rows attend to the prefix but do not extend it
-    return model(x[:, P:], cache=prefix, logits_at=where[:, P:])  # (B, T - P) tokens at positions P..T-1
+    return model(x[:, P:], cache=prefix, logits_at=where[:, P:])  # positions P..T-1
 
-def optimizer_step(model, opt, encoded, batches, lr: float, cfg: Config, step: int, pad_id: int, world: int,
-                   rank: int) -> tuple[float, int]:
-    """One AdamW step over this process's share of the step's micro-batches: (loss, tokens covered: every row's
-    prompt and answer, in all processes).
-    The loss is summed over answer tokens and divided by those of the whole step, so accumulation equals one big
-    batch. UserError, before the adapter changes, if the loss is not finite."""
+@dataclass
+class Run:
+    """What every step of a run shares: its config, its training examples (ids, n_answer), the pad
+    id, and this process's place among `world` data-parallel processes."""
+    cfg: Config
+    encoded: list[tuple[list[int], int]]
+    pad_id: int
+    world: int = 1
+    rank: int = 0
+
+def seed_dropout(cfg: Config, step: int, j: int) -> None:
+    """Seed the LoRA dropout of micro-batch j of `step`: its masks depend on (seed, step, j) alone,
+    so they are the same in any number of processes and after a resume."""
+    micro_batch = step * cfg.grad_accum + j  # its index in the whole run
+    torch.manual_seed(cfg.seed * 1_000_003 + micro_batch)
+
+def micro_batch_loss(model, batch: list[tuple[list[int], int]], run: Run) -> torch.Tensor:
+    """answer_loss of one micro-batch, its logits from forward_shared (the header run once)."""
+    x, where, targets = collate(batch, run.pad_id, run.cfg.device)
+    device_type = torch.device(run.cfg.device).type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=run.cfg.dtype == "bfloat16"):
+        logits = forward_shared(model, x, where)  # (N, V): the head only where the loss is taken
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+def check_finite(run: Run, step: int, loss: torch.Tensor | None = None, params=()) -> None:
+    """UserError that stops the run (stopped) if the loss or an adapter parameter is not finite."""
+    if loss is not None and not torch.isfinite(loss):
+        raise stopped(run.cfg, f"loss is {loss.item()}", step)
+    if not all(p.isfinite().all() for p in params):  # e.g. an infinite gradient under a finite loss
+        raise stopped(run.cfg, "the adapter is not finite", step)
+
+def optimizer_step(model, opt, run: Run, batches: list[list[int]], step: int, lr: float) -> tuple[float, int]:
+    """One AdamW step over this process's share of the step's micro-batches: (loss, tokens covered:
+    every row's prompt and answer, in all processes). The loss is summed over answer tokens and
+    divided by those of the whole step, so accumulation equals one big batch. UserError, before the
+    adapter changes, if the loss is not finite."""
     for group in opt.param_groups:
         group["lr"] = lr
-    n_answer = sum(encoded[i][1] for batch in batches for i in batch)
-    loss_sum = torch.zeros((), device=cfg.device)
-    tokens = 0
-    for j in range(rank, len(batches), world):
-        torch.manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + j)  # LoRA dropout: same in any world
-        x, where, targets = collate([encoded[i] for i in batches[j]], pad_id, cfg.device)
-        device_type = torch.device(cfg.device).type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
-            logits = forward_shared(model, x, where)  # (N, vocab): the head only where the loss is taken
-        loss = F.cross_entropy(logits, targets, reduction="sum") / n_answer
+    n_answer = sum(run.encoded[i][1] for batch in batches for i in batch)
+    mine = range(run.rank, len(batches), run.world)  # this process's micro-batches
+    loss_sum = torch.zeros((), device=run.cfg.device)
+    for j in mine:
+        seed_dropout(run.cfg, step, j)
+        loss = micro_batch_loss(model, [run.encoded[i] for i in batches[j]], run) / n_answer
         loss.backward()
         loss_sum += loss.detach()
-        tokens += sum(len(encoded[i][0]) for i in batches[j]) * world
     params = [p for group in opt.param_groups for p in group["params"]]
-    if world > 1:
+    if run.world > 1:
         for p in params:
             dist.all_reduce(p.grad)
         dist.all_reduce(loss_sum)
-    if not torch.isfinite(loss_sum):
-        raise stopped(cfg, f"loss is {loss_sum.item()}", step)
-    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    check_finite(run, step, loss=loss_sum)
+    torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    if not all(p.isfinite().all() for p in params):  # e.g. an infinite gradient under a finite loss
-        raise stopped(cfg, "the adapter is not finite", step)
+    check_finite(run, step, params=params)
+    tokens = sum(len(run.encoded[i][0]) for j in mine for i in batches[j]) * run.world
     return loss_sum.item(), tokens
 
 # ---------------------------------------------------------------- evaluation and saving
 
-def evaluate(model, tok, dev, cfg: Config, names: list[str], world: int, rank: int, batch: int = memory.EVAL_BATCH):
-    """Dev metrics (the union's when several datasets) and the label offsets fitted on these predictions;
-    `batch` prompts are scored at once (eval_batch)."""
+def evaluate_dev(model, tok, dev, run: Run, names: list[str], batch: int = memory.EVAL_BATCH):
+    """Dev metrics for model selection (the union's when several datasets) and the label offsets
+    fitted on these predictions; `batch` prompts are scored at once (memory.eval_batch)."""
     model.eval()
-    rows = predict(model, tok, dev[rank::world], cfg.max_len, batch, progress=rank == 0)
-    if world > 1:
-        gathered = [None] * world
+    rows = predict(model, tok, dev[run.rank::run.world], run.cfg.max_len, batch, progress=run.rank == 0)
+    if run.world > 1:
+        gathered = [None] * run.world
         dist.all_gather_object(gathered, rows)
         rows = [row for part in gathered for row in part]
     model.train()
-    report, bias = calibrated_report(rows, fit=cfg.calibrate)
+    report, bias = calibrated_report(rows, fit=run.cfg.calibrate)
     key = "union" if len(names) > 1 else names[0]
     res = dict(report[key], uncalibrated_weighted_f1=report["uncalibrated_weighted_f1"][key])
-    if rank == 0:
+    if run.rank == 0:
         print(f"\ndev weighted F1 {100 * res['weighted_f1']:.2f} (uncalibrated "
               f"{100 * res['uncalibrated_weighted_f1']:.2f}), accuracy {100 * res['accuracy']:.2f}")
     return res, bias
 
+def dev_checkpoint(model, tok, dev, run: Run, names, batch: int, meta: dict, row: dict, best: float):
+    """Evaluate on dev into the log row; write ckpt.pt if the weighted F1 beats `best` (a tie keeps the
+    earlier step). Returns the new best."""
+    res, bias = evaluate_dev(model, tok, dev, run, names, batch)
+    row.update({f"dev_{key}": res[key] for key in ("weighted_f1", "accuracy", "uncalibrated_weighted_f1")})
+    if res["weighted_f1"] > best and run.rank == 0:
+        path = Path(run.cfg.out) / "ckpt.pt"
+        save(path, dict(meta, step=row["step"], best=res["weighted_f1"]), model, dev=res, label_bias=bias)
+    return max(best, res["weighted_f1"])
+
 def save(path: Path, meta: dict, model, **extra) -> None:
-    """Write the adapter with everything needed to rebuild the run, after checking that it is finite."""
+    """Write the adapter, checked finite, with everything needed to rebuild the run."""
     adapter = lora.lora_state_dict(model)
     if not all(torch.isfinite(t).all() for t in adapter.values()):
         raise cli.UserError(f"the adapter is not finite; {path} not written")
     cli.atomic_write(path, dict(meta, lora=adapter, **extra))
 
-def saved_config(state: dict, a: argparse.Namespace) -> Config:
-    """The Config a checkpoint was trained with. UsageError if other run flags were given (a resumed run is the
-    saved run), UserError naming fields this train.py does not know."""
-    given = [f"--{f.name.replace('_', '-')}" for f in fields(Config) if getattr(a, f.name) != f.default]
-    if given or a.overwrite:
-        raise cli.UsageError(f"--resume continues the saved run with its saved config; drop {given or '--overwrite'}")
-    unknown = sorted(set(state["config"]) - {f.name for f in fields(Config)})
-    if unknown:
-        raise cli.UserError(f"{a.resume}: its config has fields {unknown} that this train.py does not know")
-    saved = dict(state["config"], out=str(Path(a.resume).parent))  # where the run is now: a copy resumes in itself
-    return with_recipe(Config(**saved))  # a field added since it was saved takes the recipe's value
-
 def resume(state: dict, model, opt, out: Path, main_proc: bool) -> tuple[int, float]:
-    """Load a ckpt_last.pt's adapter and optimizer state; drop the log rows of steps after it: (step, best).
-    No RNG state is needed: lr and dropout masks are functions of the step, and the batches of (seed, epoch)."""
+    """Load a ckpt_last.pt's adapter and optimizer state; drop the log rows of steps after it:
+    (step, best). No RNG state is needed: lr and dropout masks are functions of the step, and the
+    batches of (seed, epoch)."""
     lora.load_lora_state_dict(model, state["lora"], "--resume")
     opt.load_state_dict(state["optimizer"])
     step = state["step"]
     log_file = out / "metrics.jsonl"
     if main_proc and log_file.exists():
-        cli.keep_log_rows(log_file, step)  # a torn or blank last line (a kill while writing it) is dropped
+        cli.keep_log_rows(log_file, step)  # a torn last line dropped
     return step, state["best"]
 
 @cli.releasing_locks
@@ -349,43 +347,40 @@ def main(argv=None):
         return convert.export(a.src, a.export_peft, a.export_merged, a.dtype, a.shard_size, a.overwrite)
     state = cli.read_checkpoint(a.resume, RESUME_KEYS) if a.resume else None
     if state:  # a resumed run is the saved run: same config, so the same batches and schedule
-        cfg = saved_config(state, a)
+        cfg = with_recipe(Config(**cli.saved_config(state, a, Config)))  # new fields: the recipe's
     if a.dry_run:
         return memory.print_plan(cfg)
     cli.check_device(cfg.device)
     out = Path(cfg.out)
-    world, rank = setup_distributed(cfg)
+    world, rank = cli.setup_distributed(cfg)  # torchrun's processes, if several
     if rank == 0:  # one run, one folder: locked until the run ends
         cli.claim_run_folder(out, RUN_FILES, a.overwrite, resume=bool(state))
     log = print if rank == 0 else (lambda *args, **kwargs: None)
     model, tok, opt = load_model(cfg, log)
     names, dev, encoded, per_epoch, total = load_data(cfg, tok, log)
     dev_batch = memory.eval_batch(model.args, cfg, log)
+    run = Run(cfg, encoded, tok.pad_id, world, rank)
     step, best = resume(state, model, opt, out, rank == 0) if state else (0, -1.0)
     meta = dict(config=asdict(cfg), model_args=asdict(model.args), labels={n: data.LABELS[n] for n in names})
-    metrics_log = open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a")  # one row per step, for plots
+    metrics_log = open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a")  # a row per step
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train")
     first = step
     t0, tokens = time.time(), 0
-    stop = cli.StopRequest(lambda: cli.resume_hint(out / "ckpt_last.pt"))  # Ctrl-C, SIGTERM: after this step
+    stop = cli.StopRequest(lambda: cli.resume_hint(out / "ckpt_last.pt"))  # Ctrl-C, SIGTERM
     while step < total:
         epoch, k = divmod(step, per_epoch)
         if k == 0 or step == first:  # shuffled and length-grouped once per epoch
             batches = make_batches([len(ids) for ids, _ in encoded], cfg.batch_size, cfg.seed + epoch)
         lr = get_lr(step, total, cfg.lr, cfg.warmup)
         step_batches = batches[k * cfg.grad_accum:(k + 1) * cfg.grad_accum]
-        loss, n_tokens = optimizer_step(model, opt, encoded, step_batches, lr, cfg, step, tok.pad_id, world, rank)
+        loss, n_tokens = optimizer_step(model, opt, run, step_batches, step, lr)
         step += 1
         tokens += n_tokens
         row = dict(step=step, loss=loss, lr=lr, tokens_per_s=round(tokens / (time.time() - t0), 1))
         bar.update()
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-        if step == total or step % (cfg.eval_every or per_epoch) == 0:  # every N steps, else at epoch ends
-            res, bias = evaluate(model, tok, dev, cfg, names, world, rank, dev_batch)
-            row.update({f"dev_{key}": res[key] for key in ("weighted_f1", "accuracy", "uncalibrated_weighted_f1")})
-            if res["weighted_f1"] > best and rank == 0:
-                save(out / "ckpt.pt", dict(meta, step=step, best=res["weighted_f1"]), model, dev=res, label_bias=bias)
-            best = max(best, res["weighted_f1"])
+        if step == total or step % (cfg.eval_every or per_epoch) == 0:  # else at epoch ends
+            best = dev_checkpoint(model, tok, dev, run, names, dev_batch, meta, row, best)
         print(json.dumps(row), file=metrics_log, flush=True)
         if rank == 0 and (step % cfg.save_every == 0 or step == total or stop):
             save(out / "ckpt_last.pt", dict(meta, step=step, best=best), model, optimizer=opt.state_dict())

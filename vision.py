@@ -1,7 +1,9 @@
-"""Visual knowledge for DialogueLLM (Zhang et al. 2023, arXiv 2310.11374): a vision-language chat model describes
-what is visible in a few PyAV frames of each MELD clip, sent as JPEGs to an OpenAI-compatible endpoint, and never an
-emotion (that would hand over the label). One JSON line per utterance goes to the file data.load_descriptions reads.
-    python vision.py --videos MELD.Raw --split train --out d.jsonl --endpoint http://127.0.0.1:8080/v1 --model M"""
+"""Visual knowledge for DialogueLLM (Zhang et al. 2023, arXiv 2310.11374): a vision-language chat
+model describes what is visible in a few PyAV frames of each MELD clip (JPEGs sent to an
+OpenAI-compatible endpoint), never an emotion (that would hand over the label), one JSON line per
+utterance for data.load_descriptions:
+    python vision.py --videos MELD.Raw --split train --out d.jsonl \\
+        --endpoint http://127.0.0.1:8080/v1 --model M"""
 import argparse
 import base64
 import json
@@ -20,22 +22,22 @@ from tqdm import tqdm
 import cli
 import data
 
-MAX_FAILURES_IN_A_ROW = 3  # then the endpoint is at fault, not a clip: stop rather than fail every clip
+MAX_FAILURES_IN_A_ROW = 3  # then the endpoint is at fault, not a clip: stop
 SPLIT_DIRS = {"train": "train_splits", "dev": "dev_splits_complete", "test": "output_repeated_splits_test"}
 PROMPT = ("You are an expert in nonverbal behaviour. The {n} images are frames, in time order, from a TV-series clip "
           'in which {speaker} says: "{text}". In two or three sentences, describe {speaker}\'s facial expression, '
           "gaze, gestures and posture, and the scene. Describe only what is visible; do not name or guess an emotion.")
 
 class VideoError(Exception):
-    """A clip that cannot be read: empty, without a video stream, truncated or corrupt. The message names it."""
+    """A clip that cannot be read (empty, no video, truncated, corrupt); the message names it."""
 
 class CaptionError(Exception):
-    """The endpoint gave no description (after the retries that make sense). The message never holds the key."""
+    """The endpoint gave no description (after retries); the message never holds the key."""
 
 def sample_frames(path, n: int, max_seconds: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
-    """The frames on screen at the middles of n equal slices of the clip's first max_seconds (some mis-cut MELD clips
-    run for minutes) -> times float64 (k,), seconds from the stream start, strictly increasing; frames uint8 RGB
-    (k, H, W, 3). k < n for a short clip (no frame twice) or a damaged one (frames before damage kept). VideoError."""
+    """Frames at the middles of n equal slices of the clip's first max_seconds (some MELD clips run
+    for minutes) -> times float64 (k,), seconds from the stream start, increasing; frames uint8 RGB
+    (k, H, W, 3); k < n for a short or damaged clip (no frame twice). VideoError."""
     times, frames = [], []
     try:
         with av.open(str(path)) as container:
@@ -46,13 +48,13 @@ def sample_frames(path, n: int, max_seconds: float = 60.0) -> tuple[np.ndarray, 
             start = float((stream.start_time or 0) * stream.time_base)
             for i in range(n):
                 target = start + (i + 0.5) * span / n
-                container.seek(int(target / stream.time_base), stream=stream)  # lands on the keyframe before
+                container.seek(int(target / stream.time_base), stream=stream)  # keyframe before
                 picked = None
-                for frame in container.decode(stream):  # decode forward to the last frame at or before target
+                for frame in container.decode(stream):  # forward to the last frame <= target
                     if picked is not None and frame.time > target + 1e-6:
                         break
                     picked = frame
-                if picked is not None and (not times or picked.time - start > times[-1]):  # short clips: not twice
+                if picked is not None and (not times or picked.time - start > times[-1]):
                     times.append(picked.time - start)
                     frames.append(picked.to_ndarray(format="rgb24"))
     except av.FFmpegError as e:  # the frames decoded before the damage are kept
@@ -72,8 +74,8 @@ def jpeg_url(rgb: np.ndarray) -> str:
 
 @dataclass
 class Captioner:
-    """Client of an OpenAI-compatible endpoint, the key sent as a Bearer token and never shown. Timeouts, refused
-    connections and 5xx are retried `retries` times after backoff, 2 * backoff, ... seconds; a 4xx is not."""
+    """Client of an OpenAI-compatible endpoint, the key a Bearer token never shown. Timeouts, refused
+    connections and 5xx are retried `retries` times after backoff, 2 * backoff, ... s; a 4xx is not."""
     url: str
     model: str
     key: str = field(default="", repr=False)
@@ -82,7 +84,7 @@ class Captioner:
     backoff: float = 2.0
 
     def describe(self, frames: np.ndarray, text: str = "", speaker: str = "") -> str:
-        """frames uint8 RGB (N, H, W, 3) of one clip, its utterance and speaker -> description. Raises CaptionError."""
+        """frames uint8 RGB (N, H, W, 3) of a clip, its utterance and speaker -> description."""
         content = [{"type": "text", "text": PROMPT.format(n=len(frames), speaker=speaker or "the speaker", text=text)}]
         content += [{"type": "image_url", "image_url": {"url": jpeg_url(frame)}} for frame in frames]
         body = {"model": self.model, "max_tokens": 256, "temperature": 0.0,
@@ -98,18 +100,18 @@ class Captioner:
                 if not description:
                     raise CaptionError("an empty description")
                 return description
-            except urllib.error.HTTPError as e:  # before OSError, which it is; the body may echo the key: not shown
+            except urllib.error.HTTPError as e:  # an OSError; its body may echo the key: not shown
                 reason = f"HTTP {e.code} {e.reason}"
                 if e.code < 500:
                     raise CaptionError(reason) from None
-            except OSError as e:  # refused, unreachable, reset, timed out (URLError wraps the socket's error)
+            except OSError as e:  # refused, unreachable, reset, timed out (URLError wraps these)
                 reason = "timeout" if isinstance(getattr(e, "reason", e), TimeoutError) else f"connection: {e}"
             except (ValueError, LookupError, TypeError, AttributeError):
                 raise CaptionError("a reply without a description (not chat-completions JSON)") from None
         raise CaptionError(f"{reason} (after {self.retries + 1} tries)")
 
 def describe_split(args: argparse.Namespace) -> dict[str, int]:
-    """Append each clip's description to args.out; print and return the counts. UserError if the endpoint fails."""
+    """Append each clip's description to args.out; print, return counts; UserError on failure."""
     split_dir = args.videos / SPLIT_DIRS[args.split]  # when --videos is MELD.Raw itself
     videos = split_dir if split_dir.is_dir() else args.videos
     cli.drop_torn_line(args.out)  # a killed run's unfinished last line
@@ -138,7 +140,7 @@ def describe_split(args: argparse.Namespace) -> dict[str, int]:
                     continue
                 in_a_row = 0
                 record = dict(zip(["dataset", "split", "dialogue_id", "utterance_id"], ids), description=description)
-                print(json.dumps(record), file=f, flush=True)  # every finished line is on disk for a rerun to skip
+                print(json.dumps(record), file=f, flush=True)  # on disk for a rerun to skip
                 counts["described"] += 1
     finally:  # on Ctrl-C and a failing endpoint too
         print(f"{args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (clips in {videos})")

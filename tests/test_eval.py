@@ -7,6 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
+import cli
 import data
 import eval as ev
 import llama
@@ -239,19 +240,19 @@ def test_load_checkpoint_refuses_pickled_objects(tmp_path):
         ev.load_checkpoint(path)
 
 
-def test_calibrate_leaves_datasets_without_offsets_alone():
+def test_apply_offsets_leaves_datasets_without_offsets_alone():
     # A MELD-trained checkpoint evaluated on EmoryNLP: its offsets are for MELD only.
     emory = data.LABELS["emorynlp"]
     rows = [dict(dataset="emorynlp", gold="sad", pred="sad", scores={l: float(i == 6) for i, l in enumerate(emory)}),
             dict(dataset="meld", gold="joy", pred="neutral", scores={l: float(i == 0) for i, l in enumerate(LABELS)})]
-    ev.calibrate(rows, {"meld": [0.0, 0, 0, 0, 5.0, 0, 0]})
+    rows = ev.apply_offsets(rows, {"meld": [0.0, 0, 0, 0, 5.0, 0, 0]})
     assert [r["pred"] for r in rows] == ["sad", "joy"]
 
 
 def test_per_class_table_and_confusion_matrix_are_printed(capsys):
     labels = ["neutral", "surprise", "joy"]
     m = ev.metrics(["joy", "neutral", "neutral", "surprise"], ["joy", "joy", "neutral", "neutral"], labels)
-    ev.show_classes(m)
+    cli.show_classes(m)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["precision", "recall", "F1", "support"]
     assert lines[1].split() == ["neutral", "50.00", "50.00", "50.00", "2"]
@@ -261,7 +262,7 @@ def test_per_class_table_and_confusion_matrix_are_printed(capsys):
 
 def test_bfloat16_eval_scores_the_model_dev_chose(tmp_path, shared_models):
     """A bfloat16 run: eval's model (load_checkpoint keeps the adapter unmerged in bf16) gives exactly the scores
-    train.evaluate's model gives for the same checkpoint; merging into bf16 weights would round the update."""
+    train.evaluate_dev's model gives for the same checkpoint; merging into bf16 weights would round the update."""
     import train
     from helpers import make_meld
     make_checkpoint(tmp_path / "model", shared_models)
@@ -272,7 +273,7 @@ def test_bfloat16_eval_scores_the_model_dev_chose(tmp_path, shared_models):
     train.main(argv)
     ckpt_path = tmp_path / "run" / "ckpt.pt"
     cfg, _ = train.parse_config(argv)
-    trained, tok, _ = train.load_model(cfg, log=lambda *_: None)  # the model as train.evaluate holds it
+    trained, tok, _ = train.load_model(cfg, log=lambda *_: None)  # the model as train.evaluate_dev holds it
     lora.load_lora_state_dict(trained, torch.load(ckpt_path, weights_only=True)["lora"], ckpt_path)
     dev = data.build_examples(data.load_split("meld", "dev", tmp_path / "data"), 1)
     expect = ev.predict(trained.eval(), tok, dev, 256, progress=False)

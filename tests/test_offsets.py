@@ -21,6 +21,7 @@ import torch
 from sklearn.metrics import f1_score
 
 import convert
+import cli
 import data
 import eval as ev
 import llama
@@ -233,12 +234,12 @@ def test_ckpt_pt_holds_the_first_step_with_the_best_dev_score(run, tmp_path, mon
     planted_f1 = [0.30, 0.50, 0.50, 0.40]
     calls = []
 
-    def evaluate(model, tok, dev, cfg, names, world, rank, batch):
+    def evaluate_dev(model, tok, dev, run, names, batch):
         f1 = planted_f1[len(calls)]
         calls.append(len(dev))
         res = dict(weighted_f1=f1, accuracy=f1 / 2, uncalibrated_weighted_f1=f1 / 3)
         return res, {"meld": [float(len(calls))] * 7}
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(train, "evaluate_dev", evaluate_dev)
     out = tmp_path / "run"
     train.main(train_argv(run["folder"], run["data"], out, "--max-steps", "4", "--eval-every", "1"))
     assert calls == [24] * 4
@@ -370,7 +371,7 @@ def test_described_only_scores_each_described_utterance_with_and_without_it(plan
      "runs/zero-shot/eval-test-Llama-2-7b-hf-window0"),
 ])
 def test_results_dir_names_every_variant(argv, trained, expect):
-    assert ev.results_dir(ev.parse_args(argv + ["--device", "cpu"]), trained) == Path(expect)
+    assert cli.results_dir(ev.parse_args(argv + ["--device", "cpu"]), trained) == Path(expect)
 
 
 def test_offsets_of_one_dataset_are_not_claimed_for_another(capsys):
@@ -385,11 +386,12 @@ def test_offsets_of_one_dataset_are_not_claimed_for_another(capsys):
         r["pred"] = max(r["scores"], key=r["scores"].get)
     raw = [r["pred"] for r in rows]
     bias = {"emorynlp": [0.0, 2.0, 0, 0, 0, 0, 0]}
-    res, _ = ev.calibrated_report(rows, bias)
+    res, _ = ev.calibrated_report(rows, bias)  # reports; the rows given keep their raw predictions
+    rows = ev.apply_offsets(rows, bias)  # the predictions evaluation writes
     assert res["calibrated_datasets"] == ["emorynlp"] and res["calibrated"] is True
     assert [r["pred"] for r in rows[:14]] == raw[:14]  # MELD: no offsets of its own, the raw argmax
     assert all(r["pred"] == emory[1] for r in rows[14:])  # EmoryNLP: its offset moved every prediction
-    ev.show("", res, "test")
+    cli.show_results("", res, "test")
     lines = capsys.readouterr().out.splitlines()
     assert "without the dev-fitted label offsets" in next(line for line in lines if line.startswith("emorynlp"))
     assert "without the dev-fitted label offsets" not in next(line for line in lines if line.startswith("meld"))

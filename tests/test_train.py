@@ -120,12 +120,12 @@ def lora_model(targets=ALL, r=4, seed=0, dropout=0.0):
 def step_loss(model, encoded, n_answer):
     """The loss exactly as train.main computes it for one micro-batch."""
     x, where, targets = train.collate(encoded, 2, "cpu")
-    return F.cross_entropy(model(x, logits_at=where), targets, reduction="sum") / n_answer
+    return train.answer_loss(model, x, where, targets) / n_answer
 
 
 def checkpointed_step(model, blocks, x, where, targets, forward):
     """(loss, LoRA gradients) of one micro-batch with the first `blocks` blocks checkpointed; the RNG is seeded as
-    train.optimizer_step seeds it, so every run draws the same dropout masks."""
+    train.seed_dropout seeds it, so every run draws the same dropout masks."""
     model.zero_grad(set_to_none=True)
     model.checkpointing = blocks
     torch.manual_seed(1234)
@@ -187,7 +187,7 @@ def test_shared_prefix_same_loss_and_gradients(blocks):
     model = lora_model()
     assert model.args.n_kv_heads < model.args.n_heads
     model.checkpointing = blocks
-    plain = F.cross_entropy(model(x, logits_at=where), targets, reduction="sum")
+    plain = train.answer_loss(model, x, where, targets)  # the reference: the paper's loss, plainly
     plain.backward()
     plain_grads = lora_grads(model)
     model.zero_grad(set_to_none=True)
