@@ -399,7 +399,7 @@ class StopRequest:
         self.signum = None
         self.left = left
         if _in_script:
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed
                 signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame):
@@ -469,6 +469,9 @@ def _write(out, text: str, kept: str) -> None:
 
 # ---------------------------------------------------------------- files
 
+UMASK = os.umask(0)  # read once (reading it means setting it), then restored
+os.umask(UMASK)
+
 def atomic_write(path, content) -> None:
     """Write str, bytes, or (for any other object) torch.save output to `path` through a temporary file and a
     rename, so a crash leaves either the old file or the new one, never half of one. UserError naming the path
@@ -483,6 +486,7 @@ def atomic_write(path, content) -> None:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp's 0600 would hide results from the user's group
         with os.fdopen(fd, "wb") as f:
             f.write(content)
         os.replace(tmp, path)
@@ -524,7 +528,7 @@ def read_text(path) -> str:
         path = shown(path)
     elif Path(path).is_dir():
         raise UserError(f"{path}: a folder; expected a file")
-    elif Path(path).is_file():
+    elif Path(path).exists():  # a file, a FIFO, /dev/stdin, <(process substitution)
         blob = Path(path).read_bytes()
     else:
         raise MissingError(f"{path}: not found")
@@ -537,7 +541,7 @@ def read_text(path) -> str:
 def jsonl_records(path) -> Iterator[tuple[str, object]]:
     """Yield ("file:line", record) per non-blank line of a JSON-lines file; UserError there for a line not JSON."""
     name = shown(path)
-    for n, line in enumerate(read_text(path).splitlines(), 1):
+    for n, line in enumerate(read_text(path).split("\n"), 1):  # not splitlines: U+2028 may sit in a text
         if not line.strip():
             continue
         try:

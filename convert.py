@@ -427,11 +427,15 @@ def write_shards(state: dict[str, torch.Tensor], out: Path, shard_bytes: int) ->
     weight_map = {}
     for file, group in zip(names, groups):
         fd, tmp = tempfile.mkstemp(prefix=f".{file}.", dir=out)
+        os.fchmod(fd, 0o666 & ~cli.UMASK)  # as an ordinary file, not mkstemp's 0600
         os.close(fd)
         try:
             shard = {k: state[k].contiguous() for k in group}  # views of the model's tensors, no copies
             safetensors.torch.save_file(shard, tmp, metadata={"format": "pt"})
             os.replace(tmp, out / file)
+        except safetensors.SafetensorError as e:  # e.g. the disk is full
+            os.unlink(tmp)
+            raise cli.UserError(f"{out / file}: writing failed ({e}); the earlier files are kept") from None
         except BaseException:
             os.unlink(tmp)
             raise

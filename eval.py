@@ -261,12 +261,13 @@ def main(argv=None):
     keep = (lambda e: e["has_description"]) if a.described_only else None
     rows, res = evaluate_split(model, tok, a, saved, descriptions, keep)
     res["seconds"] = round(time.time() - t0, 1)
+    cli.write_results(out, res, rows)  # first: a closed stdout (`| head`) must not lose them
     cli.show_results("", res, a.split)
     for name in data.datasets_for(a.data or saved["data"], a.data_dir):
         cli.show_classes(res[name])
     if descriptions:
         res["described_utterances"] = compare_descriptions(model, tok, a, saved, rows, len(descriptions))
-    cli.write_results(out, res, rows)
+        cli.write_results(out, res, rows)  # again, with the comparison
 
 def compare_descriptions(model, tok, a, saved: dict, rows: list[dict], n_records: int) -> dict:
     """Score the utterances that have a description again without it: the with/without

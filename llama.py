@@ -379,18 +379,21 @@ def read_tensors(path: Path, files: list[str], want: dict[str, str], args: Model
     """({our name: tensor in dtype}, [unexpected HF keys]) from the safetensors `files` of folder
     `path`. want maps HF names to ours; rotary inv_freq buffers are checked (check_rope_buffer) and
     dropped."""
-    from safetensors import safe_open  # here, not at the top: `import llama` stays light
+    from safetensors import SafetensorError, safe_open  # here, not at the top: `import llama` stays light
     state = {}
     unexpected = []
     for f in files:
-        with safe_open(path / f, framework="pt", device=str(device)) as st:
-            for key in st.keys():
-                if key in want:
-                    state[want[key]] = st.get_tensor(key).to(dtype)
-                elif ROPE_BUFFER.fullmatch(key):
-                    check_rope_buffer(st.get_tensor(key), args, key, path / f)
-                elif not (args.tie_embeddings and key == "lm_head.weight"):
-                    unexpected.append(key)
+        try:
+            with safe_open(path / f, framework="pt", device=str(device)) as st:
+                for key in st.keys():
+                    if key in want:
+                        state[want[key]] = st.get_tensor(key).to(dtype)
+                    elif ROPE_BUFFER.fullmatch(key):
+                        check_rope_buffer(st.get_tensor(key), args, key, path / f)
+                    elif not (args.tie_embeddings and key == "lm_head.weight"):
+                        unexpected.append(key)
+        except (SafetensorError, OSError) as e:  # e.g. a truncated file
+            raise cli.UserError(f"{path / f}: not a readable safetensors file ({e})") from None
     return state, unexpected
 
 def load(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[Transformer, Tokenizer]:
@@ -407,7 +410,11 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[Tr
     # HF -> ours
     want = {ours_to_hf(n): n for n in model.state_dict() if not (tied and n == "output.weight")}
     index = path / "model.safetensors.index.json"
-    shards = cli.read_json(index)["weight_map"].values() if index.exists() else ["model.safetensors"]
+    weight_map = cli.read_json(index) if index.exists() else {"weight_map": {"": "model.safetensors"}}
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict):
+        raise cli.UserError(f"{index}: no weight_map object; expected {{tensor name: shard file}}")
+    shards = weight_map.values()
     files = sorted(set(shards))
     if not all((path / f).is_file() for f in files):
         raise cli.MissingError(f"{path}: missing one of the weight files {files}; expected {FOLDER}")

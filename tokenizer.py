@@ -18,7 +18,10 @@ class Tokenizer:
         self.sp = None
         if (path / "tokenizer.model").exists():
             import sentencepiece
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            try:
+                self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            except RuntimeError as e:  # a truncated or foreign file
+                raise cli.UserError(f"{path / 'tokenizer.model'}: not a sentencepiece model ({e})") from None
             self.vocab_size = self.sp.vocab_size()
             cfg = dict(bos_token_id=self.sp.bos_id(), eos_token_id=self.sp.eos_id(),
                        pad_token_id=self.sp.pad_id())  # the names config.json uses

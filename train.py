@@ -104,6 +104,11 @@ def parse_config(argv=None) -> tuple[Config, argparse.Namespace]:
     cfg = with_recipe(Config(**{f.name: getattr(a, f.name) for f in fields(Config)}))
     if cfg.model != "default":  # a folder, or a Hub repo id pinned to the snapshot it resolves to now
         cfg.model = str(convert.model_dir(cfg.model).resolve())
+    if not cfg.out.strip():
+        raise cli.UsageError("--out is empty; give the run's folder (an unset variable?)")
+    for key in ("data_dir", "descriptions"):  # absolute, so --resume from another folder reads the same files
+        if getattr(cfg, key):
+            setattr(cfg, key, str(Path(getattr(cfg, key)).resolve()))
     cli.check_names("--targets", cfg.targets.split(","), lora.TARGETS)
     cli.check_names("--dtype", [cfg.dtype], DTYPES)
     cli.check_names("--data", cfg.data.split(","), (*data.DATASETS, "all"))

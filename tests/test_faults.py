@@ -14,12 +14,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import cli
 from conftest import REQUIRE
 from helpers import make_checkpoint, make_meld
 
@@ -439,3 +441,68 @@ def test_a_truncated_model_cache_is_converted_again_and_said(tmp_path, monkeypat
     assert "model.safetensors is 10 bytes, its conversion wrote 27: converting it again" in err
     assert (out / "model.safetensors").read_text() == "model.safetensors converted"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2-135m-instruct"]  # nothing left aside
+
+
+# ---------------------------------------------------------------- the second attack (74 tries): what it found
+
+def test_an_evaluation_piped_to_head_keeps_its_results(base, tmp_path):
+    """`eval.py CKPT | head -1`: the results are written before anything is printed, so a closed pipe loses
+    nothing (the evaluation's results were thrown away after the whole run)."""
+    out = tmp_path / "res"
+    cmd = f"{sys.executable} eval.py {base / 'run/ckpt.pt'} --limit 4 --out {out} 2>{tmp_path / 'err'} | head -1"
+    p = subprocess.run(["bash", "-c", cmd + "; echo ${PIPESTATUS[0]} >&2"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert p.stderr.strip() in ("0", str(128 + signal.SIGPIPE)), (tmp_path / "err").read_text()[-2000:]
+    assert json.loads((out / "eval-test-limit4" / "metrics.json").read_text())["meld"]["n"] == 4
+    assert len((out / "eval-test-limit4" / "predictions.jsonl").read_text().splitlines()) == 4
+
+
+def test_a_resume_from_another_folder_reads_the_same_data(base, tmp_path):
+    """--data-dir and --descriptions are stored absolute: a relative --data-dir resumed from another working
+    folder (with a data/ of its own) would have trained on other data."""
+    import train
+    cfg, _ = train.parse_config([str(x) for x in train_args(base, tmp_path / "r", data_dir="data")])
+    assert cfg.data_dir == str(Path("data").resolve())
+    with pytest.raises(cli.UsageError, match="--out is empty"):
+        train.parse_config([str(x) for x in train_args(base, "", data_dir=base / "data")])
+
+
+def test_jsonl_texts_may_hold_line_separators_and_input_may_be_a_fifo(tmp_path):
+    """Valid JSON lines whose texts hold U+2028 or U+0085 (json.dumps(ensure_ascii=False) writes them raw) are
+    read whole, and --input may be a FIFO or a process substitution, not only a regular file."""
+    import label
+    record = {"id": "c", "utterances": [{"speaker": "A", "text": "one\u2028two\x85three"}]}
+    path = tmp_path / "talks.jsonl"
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert label.read_conversations(path, "jsonl")[0]["utterances"][0]["text"] == "one\u2028two\x85three"
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text(path.read_text(encoding="utf-8"), encoding="utf-8"))
+    writer.start()
+    assert label.read_conversations(fifo, "jsonl")[0]["id"] == "c"
+    writer.join(timeout=10)
+
+
+def test_results_are_written_with_the_umask_s_mode(tmp_path):
+    """atomic_write's files get what the umask gives an ordinary file, not mkstemp's 0600 (colleagues on a
+    shared machine could not read a run's checkpoints or exports)."""
+    cli.atomic_write(tmp_path / "f.json", "{}")
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o666 & ~cli.UMASK
+
+
+def test_broken_model_files_are_one_line(tmp_path, shared_models):
+    """A truncated model.safetensors, an index.json whose weight_map is not an object, a truncated
+    tokenizer.model: one line naming the file, not a traceback."""
+    import llama
+    make_checkpoint(tmp_path / "m", shared_models)
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(cli.UserError, match="model.safetensors: not a readable safetensors file"):
+        llama.load(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors.index.json").write_text("[]")
+    with pytest.raises(cli.UserError, match="no weight_map object"):
+        llama.load(tmp_path / "m")
+    tok = tmp_path / "m" / "tokenizer.model"
+    tok.write_bytes(tok.read_bytes()[:50])
+    with pytest.raises(cli.UserError, match="tokenizer.model: not a sentencepiece model"):
+        llama.load_tokenizer(tmp_path / "m")
