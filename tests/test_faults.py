@@ -37,9 +37,16 @@ def script(name, *argv, env=None, prefix=(), **kw) -> subprocess.CompletedProces
                           text=True, timeout=300, **kw)
 
 
+def default_sigint() -> None:
+    """In the child before exec: Ctrl-C at its default, as at a terminal. A test run started in the background
+    (`cmd &` in a script) inherits SIGINT ignored, and Python then leaves it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(name, *argv, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / name), *map(str, argv)], cwd=ROOT, env=ENV, text=True,
-                            stdout=kw.pop("stdout", subprocess.PIPE), stderr=subprocess.PIPE, **kw)
+                            stdout=kw.pop("stdout", subprocess.PIPE), stderr=subprocess.PIPE,
+                            preexec_fn=default_sigint, **kw)
 
 
 def one_line(status, err, name, code, *expected) -> str:
