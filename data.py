@@ -4,6 +4,8 @@ Each utterance becomes one instruction (Zhang et al. 2023, arXiv 2310.11374, Sec
 `window` utterances as context, an optional video description, the target utterance, the candidate
 labels. Reading and checking the dataset files is convert.py's; labelling your own conversations,
 label.py's."""
+import functools
+
 import cli
 import convert
 from convert import SPLITS, fix_text, load_descriptions, resolve_data_dir  # noqa: F401 (used as data.*)
@@ -68,15 +70,19 @@ def build_examples(dialogues: list[list[dict]], window: int, descriptions: dict 
 def label_token_ids(tok, labels: list[str]) -> dict[str, list[int]]:
     """Each label's token ids after the prompt: encode(RESPONSE + label) minus encode(RESPONSE)
     (SentencePiece gives "neutral" alone as "▁neutral", after "\\n" as "neut", "ral"); UserError if the
-    prefix tokens change."""
+    prefix tokens change. Encoded once per (tokenizer, label set): encode_example asks for every example."""
+    return {label: list(ids) for label, ids in _label_token_ids(tok, tuple(labels))}
+
+@functools.lru_cache(maxsize=16)
+def _label_token_ids(tok, labels: tuple[str, ...]) -> tuple[tuple[str, tuple[int, ...]], ...]:
     prefix = tok.encode(RESPONSE)
-    out = {}
+    out = []
     for label in labels:
         ids = tok.encode(RESPONSE + label)
         if ids[:len(prefix)] != prefix or len(ids) == len(prefix):
             raise cli.UserError(f"label {label!r}: encoding {RESPONSE!r} + label does not extend its encoding")
-        out[label] = ids[len(prefix):]
-    return out
+        out.append((label, tuple(ids[len(prefix):])))
+    return tuple(out)
 
 def encode_example(tok, example: dict, max_len: int) -> tuple[list[int], int]:
     """(BOS + prompt + label + EOS token ids, n_answer: the last ids, where the loss goes), len <= max_len.

@@ -93,11 +93,6 @@ def apply_offsets(rows: list[dict], bias: dict[str, list[float]]) -> list[dict]:
     are. A dataset without offsets keeps its raw argmax."""
     return [dict(r, pred=offset_pred(r, bias[r["dataset"]])) if r["dataset"] in bias else r for r in rows]
 
-def calibrate(rows: list[dict], bias: dict[str, list[float]]) -> None:
-    """apply_offsets in place (labelling your own conversations writes its rows' labels so)."""
-    for r, new in zip(rows, apply_offsets(rows, bias)):
-        r["pred"] = new["pred"]
-
 # ---------------------------------------------------------------- prediction
 
 def prompt_ids(tok, example: dict, max_len: int) -> list[int]:

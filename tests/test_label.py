@@ -1,6 +1,6 @@
 """eval.py --input / eval.label_conversations: your own conversations labelled as evaluation labels them (context
 window, template, label set, dev-fitted offsets), from JSONL or CSV, stdin to stdout; bad input named in one line
-before the model loads; and, on real MELD dev, the labels eval.predict + eval.calibrate give."""
+before the model loads; and, on real MELD dev, the labels eval.predict + eval.apply_offsets give."""
 import csv
 import json
 import subprocess
@@ -185,7 +185,7 @@ def test_bad_input_gets_one_line_before_the_model_loads(capsys, ckpt, tmp_path, 
 
 def test_a_real_meld_dev_dialogue_gets_the_labels_of_evaluation(capsys, ckpt, loaded, data_dir, tmp_path):
     """One MELD dev dialogue written out with MELD's columns, labelled through --input, equals eval.predict +
-    eval.calibrate on the same utterances of data.load_split."""
+    eval.apply_offsets on the same utterances of data.load_split."""
     model, tok, saved = loaded
     dialogue = data.load_split("meld", "dev", data_dir)[1]
     with open(data_dir / "meld/dev_sent_emo.csv", newline="", encoding="utf-8") as f:
@@ -200,7 +200,7 @@ def test_a_real_meld_dev_dialogue_gets_the_labels_of_evaluation(capsys, ckpt, lo
     for e in examples:  # nothing is truncated, so the gold label's length does not matter
         assert len(tok.encode(data.prompt_of(e), bos=True)) + 10 < saved["config"]["max_len"]
     want = ev.predict(model, tok, examples, saved["config"]["max_len"], progress=False)
-    ev.calibrate(want, saved["label_bias"])
+    want = ev.apply_offsets(want, saved["label_bias"])
     got = label_file(capsys, ckpt, tmp_path / "dialogue.csv")
     assert [r["label"] for r in got] == [r["pred"] for r in want]
     assert len({r["label"] for r in got}) > 1
