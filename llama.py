@@ -122,6 +122,10 @@ def attend(q, k, v, attn_mask, repeat_kv: bool | None = None):
     if repeat_kv and groups > 1:
         k = k.repeat_interleave(groups, dim=1)  # (B, H, S, D)
         v = v.repeat_interleave(groups, dim=1)
+    if q.is_cpu and q.dtype != torch.float32:  # the CPU's bf16 flash kernel: backward 3x float32's
+        with torch.autocast("cpu", enabled=False):
+            y = attend(q.float(), k.float(), v.float(), attn_mask, repeat_kv=False)
+        return y.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                           enable_gqa=k.shape[1] != q.shape[1])
 

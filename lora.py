@@ -20,8 +20,10 @@ def drop(x: torch.Tensor, p: float) -> torch.Tensor:
     rescales its narrow (..., r) middle instead (LoRALinear.forward), as A is linear. One bool mask
     (1 byte an element, kept for backward), where ATen's CPU dropout draws a float mask, divides it
     by 1 - p and multiplies: on the CPU recipe's step those passes cost more than the matmuls of the
-    adapters they feed."""
-    keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
+    adapters they feed. The mask compares uniform 31-bit integers with (1 - p) 2^31: the CPU draws
+    those 1.6x faster than bernoulli_ (a (16, 90, 576) mask: 5.0 against 8.1 ms, 2 AMX cores)."""
+    draws = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_()  # [0, 2^31)
+    keep = draws < round((1 - p) * 2**31)  # True with probability 1 - p, to 2^-31
     return torch.where(keep, x, 0)
 
 class SharedDropout(nn.Module):

@@ -53,6 +53,23 @@ def test_grouped_heads_repeated_or_not_give_the_same_attention(masked):
         assert maxdiff(grouped, repeated) < 1e-6
 
 
+def test_cpu_attention_on_bfloat16_runs_in_float32():
+    """On the CPU, attend computes bf16 (as autocast gives it) in float32 (the bf16 flash kernel's backward is 3x
+    slower): the output is the float32 attention of the same bf16 inputs, rounded once to bf16, and the gradients
+    reach the bf16 inputs in bf16."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g),
+               torch.randn(2, 2, 7, 16, generator=g))
+    mask = torch.ones(2, 1, 5, 7, dtype=torch.bool).tril(2)
+    q16, k16, v16 = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = llama.attend(q16, k16, v16, mask)
+    want = llama.attend(q16.detach().float(), k16.detach().float(), v16.detach().float(), mask)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want.bfloat16())
+    y.float().sum().backward()
+    assert all(t.grad.dtype == torch.bfloat16 and t.grad.abs().sum() > 0 for t in (q16, k16, v16))
+
+
 def test_model_with_repeated_kv_heads_equals_grouped(monkeypatch):
     """The whole model, padded rows after a shared cached prefix (the masked path of training and scoring), gives
     the same logits with either attention path forced."""

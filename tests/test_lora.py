@@ -142,7 +142,9 @@ def test_dropout_on_lora_branch_only():
     torch.manual_seed(7)
     y = m(x)
     torch.manual_seed(7)
-    dropped = F.dropout(x, 0.5, training=True)  # the same mask, drawn from the same generator state
+    kept = lora.drop(x, 0.5) != 0  # the same mask, drawn from the same generator state
+    dropped = x * kept / 0.5  # peft's dropout: kept elements scaled by 1 / (1 - p)
+    assert 0.3 < kept.float().mean() < 0.7
     assert maxdiff(y, base + dropped @ m.lora_A.T @ m.lora_B.T * 2) <= 1e-5
     assert maxdiff(m(x), y) > 0  # train mode draws new masks
     m.eval()
