@@ -345,7 +345,7 @@ TRAIN_FLAG_TYPES = dict(window=natural_int, max_len=positive_int, r=positive_int
 
 def train_parser(description: str, config_type) -> argparse.ArgumentParser:
     """train.py's flags: one per field of config_type (train.Config), then the run's other flags."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=description)
     for f in dataclasses.fields(config_type):
         p.add_argument("--" + f.name.replace("_", "-"), type=TRAIN_FLAG_TYPES.get(f.name, str), default=f.default)
     p.add_argument("--resume", metavar="CKPT", help="ckpt_last.pt to continue, with its saved config")
@@ -371,6 +371,18 @@ def saved_config(state: dict, a: argparse.Namespace, config_type) -> dict:
     if unknown:
         raise UserError(f"{a.resume}: its config has fields {unknown} that this train.py does not know")
     return dict(state["config"], out=str(Path(a.resume).parent))
+
+def check_finite(last: Path, step: int, loss: torch.Tensor | None = None, params=()) -> None:
+    """UserError that stops a training run at `step` (from 0) if its loss or an adapter parameter is
+    not finite, naming its last good checkpoint `last` if it was written."""
+    problem = None
+    if loss is not None and not torch.isfinite(loss):
+        problem = f"loss is {loss.item()}"
+    elif not all(p.isfinite().all() for p in params):  # e.g. an infinite gradient under a finite loss
+        problem = "the adapter is not finite"
+    if problem:
+        kept = f"keeping the last good checkpoint {last}" if last.exists() else "no checkpoint was written yet"
+        raise UserError(f"{problem} at step {step + 1}; stopped, {kept}")
 
 def setup_distributed(cfg) -> tuple[int, int]:
     """train.py's (world size, rank) from torchrun's environment; joins the process group if
@@ -517,6 +529,53 @@ def read_json(file):
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise UserError(f"{file}: not valid JSON ({e})") from None
 
+def weight_files(folder: Path, expected: str) -> list[str]:
+    """The safetensors files of a model folder: the shards its model.safetensors.index.json maps,
+    else model.safetensors. UserError for an index without a weight_map object, MissingError for an
+    absent file (`expected`: what the folder should hold)."""
+    index = folder / "model.safetensors.index.json"
+    weight_map = read_json(index) if index.exists() else {"weight_map": {"": "model.safetensors"}}
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict):
+        raise UserError(f"{index}: no weight_map object; expected {{tensor name: shard file}}")
+    files = sorted(set(weight_map.values()))
+    if not all((folder / f).is_file() for f in files):
+        raise MissingError(f"{folder}: missing one of the weight files {files}; expected {expected}")
+    return files
+
+def check_tensors(folder: Path, expected: dict, found: dict, unexpected: list[str]) -> None:
+    """UserError naming the tensors of a model folder that config.json does not give: `expected` and
+    `found` map tensor names to shapes; `unexpected`: the names read that no tensor takes."""
+    missing = sorted(set(expected) - set(found))
+    if missing or unexpected:
+        raise UserError(f"{folder}: tensors do not fit config.json: missing {missing[:5]}, unexpected "
+                        f"{unexpected[:5]} ({len(missing)} and {len(unexpected)} in all)")
+    wrong = [f"{name} {tuple(shape)} (config.json: {tuple(expected[name])})" for name, shape in found.items()
+             if shape != expected[name]]
+    if wrong:
+        raise UserError(f"{folder}: tensor shapes do not fit config.json: {', '.join(wrong[:3])} ({len(wrong)} in all)")
+
+def check_rope_buffer(stored: torch.Tensor, want: torch.Tensor, key: str, file: Path, args) -> None:
+    """Check a stored `rotary_emb.inv_freq` buffer (D/2,) against the frequencies `want` (D/2,)
+    float32 that config.json's rope gives (llama.rope_frequencies of ModelArgs `args`).
+
+    LLaMA-2 folders of 2023 (meta-llama/Llama-2-7b-hf, many fine-tunes) keep this non-persistent
+    buffer in their shards, in float32 or, after a .half(), float16. It is compared in float32
+    within the storing dtype's rounding: 4 eps relative, plus the spacing of its subnormals for the
+    smallest frequencies. UserError naming the key and file for another shape or other values (e.g.
+    a scaled rope config.json does not say)."""
+    if stored.shape != want.shape:
+        raise UserError(f"{file}: {key} has shape {tuple(stored.shape)}; config.json gives head_dim "
+                        f"{args.head_dim}, so expected ({args.head_dim // 2},)")
+    info = torch.finfo(stored.dtype) if stored.dtype.is_floating_point else torch.finfo(torch.float32)
+    tol = 4 * info.eps * want.abs() + info.smallest_normal * info.eps  # (D/2,)
+    err = (stored.float().cpu() - want).abs()
+    if not (err <= tol).all():
+        worst = int((err / want.abs()).argmax())
+        raise UserError(f"{file}: {key} holds rotary frequencies other than config.json's (rope_theta "
+                        f"{args.rope_theta}, rope_scaling {args.rope_scaling}): frequency {worst} is "
+                        f"{stored[worst].item():.6g}, expected {want[worst].item():.6g}")
+
 def shown(path) -> str:
     """How messages name a path: "-" is standard input."""
     return "<stdin>" if str(path) == "-" else str(path)
@@ -625,6 +684,29 @@ def read_checkpoint(path, keys=("config", "lora")) -> dict:
         raise UserError(f"{path}: its adapter ('lora') is not a dict of finite tensors")
     return ckpt
 
+# ---------------------------------------------------------------- vision.py's flags
+
+def vision_args(argv, description: str, splits: list[str]) -> argparse.Namespace:
+    """vision.py's flags, checked before any work: UsageError, or MissingError for --videos."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.epilog = "Flags are checked before any work. Exit status 1 when a clip failed; a rerun retries it."
+    p.add_argument("--videos", type=Path, required=True, help="folder of dia{D}_utt{U}.mp4 clips, or MELD.Raw")
+    p.add_argument("--data", default="meld", choices=["meld"], help="the dataset with video clips")
+    p.add_argument("--data-dir", help="the folder holding meld/ (default: $DIALOGUELLM_DATA, else ./data)")
+    p.add_argument("--split", required=True, choices=splits)
+    p.add_argument("--out", type=Path, required=True, help="JSONL, appended to; a rerun skips what it holds")
+    p.add_argument("--endpoint", required=True, help="API base URL; the key comes from $DIALOGUELLM_VLM_KEY")
+    p.add_argument("--model", required=True, help="a model name the endpoint serves")
+    p.add_argument("--frames", type=positive_int, default=4)
+    args = p.parse_args(argv)
+    if not args.endpoint.startswith(("http://", "https://")):
+        raise UsageError(f"--endpoint {args.endpoint!r}: expected a URL such as http://127.0.0.1:8080/v1")
+    if not args.videos.is_dir():
+        raise MissingError(f"--videos {args.videos}: no such folder")
+    if args.out.is_dir() or not os.access(args.out if args.out.exists() else args.out.parent, os.W_OK):
+        raise UsageError(f"--out {args.out}: expected a writable file, or one to create in a writable folder")
+    return args
+
 # ---------------------------------------------------------------- eval.py's flags, results folder and printing
 
 def eval_parser(description: str, splits, window: int) -> argparse.ArgumentParser:
@@ -708,6 +790,12 @@ def show_results(title: str, res: dict, split: str) -> None:
             raw = f" ({100 * before[name]:.2f} without the dev-fitted label offsets)" if offsets else ""
             print(f"{title}{name} {split}: weighted F1 {100 * m['weighted_f1']:.2f}{raw}  accuracy "
                   f"{100 * m['accuracy']:.2f}  macro F1 {100 * m['macro_f1']:.2f}  invalid {m['invalid']}  n={m['n']}")
+
+def show_comparison(res: dict, split: str) -> None:
+    """Print eval.compare_descriptions' result: the described utterances scored with and without."""
+    print(f"{res['n']} of {res['records']} descriptions matched an utterance of {split}")
+    show_results("  with it:    ", res["with_description"], split)
+    show_results("  without it: ", res["without"], split)
 
 def show_classes(m: dict) -> None:
     """Per-class precision, recall, F1 (%) and support, then the confusion matrix (rows gold, columns predicted)."""

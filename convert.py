@@ -336,12 +336,45 @@ def load_checkpoint(path, device="cpu", dtype=None, ckpt: dict | None = None, me
         raise cli.UserError(f"{path}: trained on a model with {ckpt['model_args']}, "
                             f"but {cfg['model']} has {asdict(model.args)}")
     lora.apply_lora(model, cfg["targets"].split(","), cfg["r"], cfg["lora_alpha"], verbose=False)
-    lora.load_lora_state_dict(model, ckpt["lora"], path)
+    load_adapter(model, ckpt["lora"], path)
     if merge is None:
         merge = dtype == torch.float32
     if merge:
         lora.merge_all(model)  # fold B A into the base weights: one matmul per layer at inference
     return model.to(device).eval(), tok, ckpt
+
+
+def load_adapter(model, state: dict[str, torch.Tensor], where) -> None:
+    """Load adapter tensors into a model after lora.apply_lora; cli.UserError naming `where`."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)  # no base weights in state
+    except RuntimeError as e:  # shape mismatches
+        raise cli.UserError(f"{where}: adapter does not fit the model: {e}") from None
+    missing = [k for k in missing if k.endswith((".lora_A", ".lora_B"))]
+    if missing or unexpected:
+        raise cli.UserError(f"{where}: adapter does not fit: missing {missing[:3]}, extra {unexpected[:3]}")
+
+
+def save_checkpoint(path: Path, meta: dict, model, **extra) -> None:
+    """Write a train.py checkpoint atomically: the adapter, checked finite, with `meta` (config,
+    model_args, labels, step, best) and `extra`, everything needed to rebuild the run."""
+    adapter = lora.lora_state_dict(model)
+    if not all(torch.isfinite(t).all() for t in adapter.values()):
+        raise cli.UserError(f"the adapter is not finite; {path} not written")
+    cli.atomic_write(path, dict(meta, lora=adapter, **extra))
+
+
+def resume_run(state: dict, model, opt, out: Path, main_proc: bool) -> tuple[int, float]:
+    """Load a ckpt_last.pt's adapter and optimizer state; drop the log rows of steps after it:
+    (step, best). No RNG state is needed: lr and dropout masks are functions of the step, and the
+    batches of (seed, epoch)."""
+    load_adapter(model, state["lora"], "--resume")
+    opt.load_state_dict(state["optimizer"])
+    step = state["step"]
+    log_file = out / "metrics.jsonl"
+    if main_proc and log_file.exists():
+        cli.keep_log_rows(log_file, step)  # a torn last line dropped
+    return step, state["best"]
 
 
 def export_peft(ckpt_path, out_dir) -> None:

@@ -5,6 +5,7 @@ Each utterance becomes one instruction (Zhang et al. 2023, arXiv 2310.11374, Sec
 labels. Reading and checking the dataset files is convert.py's; labelling your own conversations,
 label.py's."""
 import functools
+import sys
 
 import cli
 import convert
@@ -103,14 +104,8 @@ def encode_example(tok, example: dict, max_len: int) -> tuple[list[int], int]:
 def token_counts(tok, dialogues: list[list[dict]], window: int, descriptions=None) -> list[tuple]:
     """(example, prompt + answer tokens, untruncated) per utterance: what `python data.py --stats`
     counts."""
-    answers = {}  # per label set: {label: its tokens + EOS}
-    counts = []
-    for e in build_examples(dialogues, window, descriptions):
-        labels = tuple(e["labels"])
-        if labels not in answers:
-            answers[labels] = {k: len(ids) + 1 for k, ids in label_token_ids(tok, e["labels"]).items()}
-        counts.append((e, len(tok.encode(prompt_of(e), bos=True)) + answers[labels][e["label"]]))
-    return counts
+    examples = build_examples(dialogues, window, descriptions)
+    return [(e, len(encode_example(tok, e, max_len=sys.maxsize)[0])) for e in examples]
 
 def main(argv=None) -> int:
     """`python data.py --stats` / `--convert-descriptions SRC OUT`: convert.py reads the files."""

@@ -112,12 +112,6 @@ def candidate_ids(tok, labels: tuple[str, ...]) -> list[list[int]]:
         cands = [c + [tok.eos_id] for c in cands]
     return cands
 
-def generate_label(model, tok, prompt: list[int], labels) -> str:
-    """Greedy answer of up to 8 tokens: the label it names (any case), else the answer (invalid)."""
-    answer = tok.decode(llama.generate(model, prompt, 8, eos_id=tok.eos_id)).strip()
-    named = [label for label in labels if label.lower() == answer.lower()]
-    return named[0] if named else answer
-
 def header_length(prompts: list[list[int]]) -> int:
     """How many tokens all prompts start with (BOS, the task and the labels: the instruction
     header), leaving each prompt at least one token of its own."""
@@ -150,10 +144,13 @@ def predict_scores(model, tok, labels: tuple, prompts: list[list[int]], batch_si
     return out
 
 def predict_generate(model, tok, labels: tuple, prompts: list[list[int]], batch_size: int, bar) -> list:
-    """(the label greedy decoding names, or its raw answer; None) per prompt (generate_label)."""
+    """(pred, None) per prompt: the label a greedy answer of up to 8 tokens names (any case), else
+    the answer itself, an invalid prediction."""
     out = []
     for p in prompts:
-        out.append((generate_label(model, tok, p, labels), None))
+        answer = tok.decode(llama.generate(model, p, 8, eos_id=tok.eos_id)).strip()
+        named = [label for label in labels if label.lower() == answer.lower()]
+        out.append((named[0] if named else answer, None))
         bar.update()
     return out
 
@@ -201,10 +198,6 @@ def calibrated_report(rows: list[dict], bias: dict | None = None, fit: bool = Fa
     res["calibrated_datasets"] = sorted(evaluated & set(bias or {}))  # trained datasets only
     res["calibrated"] = bool(res["calibrated_datasets"])
     return res, bias
-
-def label_conversations(*args, **kwargs) -> list[dict]:
-    """label.py's label_conversations with this file's predict: (model, tok, ckpt, conversations, ...)."""
-    return labelling.label_conversations(predict, *args, **kwargs)
 
 # ---------------------------------------------------------------- the command line
 
@@ -255,27 +248,24 @@ def main(argv=None):
     descriptions = data.load_descriptions(a.descriptions) if a.descriptions else None
     keep = (lambda e: e["has_description"]) if a.described_only else None
     rows, res = evaluate_split(model, tok, a, saved, descriptions, keep)
+    if descriptions:
+        res["described_utterances"] = compare_descriptions(model, tok, a, saved, rows, len(descriptions))
     res["seconds"] = round(time.time() - t0, 1)
     cli.write_results(out, res, rows)  # first: a closed stdout (`| head`) must not lose them
     cli.show_results("", res, a.split)
     for name in data.datasets_for(a.data or saved["data"], a.data_dir):
         cli.show_classes(res[name])
     if descriptions:
-        res["described_utterances"] = compare_descriptions(model, tok, a, saved, rows, len(descriptions))
-        cli.write_results(out, res, rows)  # again, with the comparison
+        cli.show_comparison(res["described_utterances"], a.split)
 
 def compare_descriptions(model, tok, a, saved: dict, rows: list[dict], n_records: int) -> dict:
     """Score the utterances that have a description again without it: the with/without
-    comparison."""
+    comparison, {n, records, with_description, without}."""
     described = {data.utterance_key(r, a.split) for r in rows if r["described"]}
-    print(f"{len(described)} of {n_records} descriptions matched an utterance of {a.split}")
     with_it = [r for r in rows if data.utterance_key(r, a.split) in described]
     keep = lambda e: data.utterance_key(e, a.split) in described  # noqa: E731
     _, without = evaluate_split(model, tok, a, saved, None, keep)
-    res = {"n": len(described), "with_description": report(with_it), "without": without}
-    cli.show_results("  with it:    ", res["with_description"], a.split)
-    cli.show_results("  without it: ", res["without"], a.split)
-    return res
+    return {"n": len(described), "records": n_records, "with_description": report(with_it), "without": without}
 
 if __name__ == "__main__":
     cli.run(main)

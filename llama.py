@@ -110,22 +110,19 @@ class KVCache:
         return c
 
 def attend(q, k, v, attn_mask, repeat_kv: bool | None = None):
-    """SDPA of q (B, H, T, D) over k, v (B, K, S, D), K dividing H: (B, H, T, D). Grouped heads
-    either go to SDPA as they are (enable_gqa) or are repeated to H first (repeat_kv). CUDA runs
-    enable_gqa with an attn_mask only in its math kernel, which builds the (B, H, T, S) scores, so
-    there a mask means repeating (None: that choice). Both give the same output
-    (tests/test_bench.py). On the CPU enable_gqa stays: it copies nothing, and timings on a shared
-    AMX host could not tell the two apart."""
+    """SDPA of q (B, H, T, D) over k, v (B, K, S, D), K dividing H: (B, H, T, D). Grouped heads go
+    to SDPA as they are (enable_gqa) or repeated to H first (repeat_kv; None: on CUDA under a mask,
+    where enable_gqa runs the math kernel, which builds the (B, H, T, S) scores). Both give the same
+    output (tests/test_bench.py). On the CPU, bf16 runs in float32 (the flash backward is faster)."""
     groups = q.shape[1] // k.shape[1]
     if repeat_kv is None:
         repeat_kv = q.is_cuda and attn_mask is not None
     if repeat_kv and groups > 1:
         k = k.repeat_interleave(groups, dim=1)  # (B, H, S, D)
         v = v.repeat_interleave(groups, dim=1)
-    if q.is_cpu and q.dtype != torch.float32:  # the CPU's bf16 flash kernel: backward 3x float32's
+    if q.is_cpu and q.dtype != torch.float32:  # the CPU's bf16 flash backward is 3x float32's
         with torch.autocast("cpu", enabled=False):
-            y = attend(q.float(), k.float(), v.float(), attn_mask, repeat_kv=False)
-        return y.to(q.dtype)
+            return attend(q.float(), k.float(), v.float(), attn_mask).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                           enable_gqa=k.shape[1] != q.shape[1])
 
@@ -357,32 +354,10 @@ def read_args(path: str | os.PathLike) -> ModelArgs:
 
 ROPE_BUFFER = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # in 2023 folders
 
-def check_rope_buffer(stored: torch.Tensor, args: ModelArgs, key: str, file: Path) -> None:
-    """Check a stored `rotary_emb.inv_freq` buffer (D/2,) against rope_frequencies(args) before it
-    is dropped.
-
-    LLaMA-2 folders of 2023 (meta-llama/Llama-2-7b-hf, many fine-tunes) keep this non-persistent
-    buffer in their shards, in float32 or, after a .half(), float16. It is compared in float32
-    within the storing dtype's rounding: 4 eps relative, plus the spacing of its subnormals for the
-    smallest frequencies. cli.UserError naming the key and file for another shape or other values
-    (e.g. a scaled rope config.json does not say)."""
-    want = rope_frequencies(args)  # (D/2,) float32
-    if stored.shape != want.shape:
-        raise cli.UserError(f"{file}: {key} has shape {tuple(stored.shape)}; config.json gives head_dim "
-                            f"{args.head_dim}, so expected ({args.head_dim // 2},)")
-    info = torch.finfo(stored.dtype) if stored.dtype.is_floating_point else torch.finfo(torch.float32)
-    tol = 4 * info.eps * want.abs() + info.smallest_normal * info.eps  # (D/2,)
-    err = (stored.float().cpu() - want).abs()
-    if not (err <= tol).all():
-        worst = int((err / want.abs()).argmax())
-        raise cli.UserError(f"{file}: {key} holds rotary frequencies other than config.json's (rope_theta "
-                            f"{args.rope_theta}, rope_scaling {args.rope_scaling}): frequency {worst} is "
-                            f"{stored[worst].item():.6g}, expected {want[worst].item():.6g}")
-
 def read_tensors(path: Path, files: list[str], want: dict[str, str], args: ModelArgs, device, dtype):
     """({our name: tensor in dtype}, [unexpected HF keys]) from the safetensors `files` of folder
-    `path`. want maps HF names to ours; rotary inv_freq buffers are checked (check_rope_buffer) and
-    dropped."""
+    `path`. want maps HF names to ours; rotary inv_freq buffers are checked (cli.check_rope_buffer)
+    and dropped."""
     from safetensors import SafetensorError, safe_open  # here, not at the top: `import llama` stays light
     state = {}
     unexpected = []
@@ -393,7 +368,8 @@ def read_tensors(path: Path, files: list[str], want: dict[str, str], args: Model
                     if key in want:
                         state[want[key]] = st.get_tensor(key).to(dtype)
                     elif ROPE_BUFFER.fullmatch(key):
-                        check_rope_buffer(st.get_tensor(key), args, key, path / f)
+                        stored = st.get_tensor(key)  # checked, then dropped
+                        cli.check_rope_buffer(stored, rope_frequencies(args), key, path / f, args)
                     elif not (args.tie_embeddings and key == "lm_head.weight"):
                         unexpected.append(key)
         except (SafetensorError, OSError) as e:  # e.g. a truncated file
@@ -403,7 +379,7 @@ def read_tensors(path: Path, files: list[str], want: dict[str, str], args: Model
 def load(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[Transformer, Tokenizer]:
     """(Transformer in eval mode, Tokenizer) from a FOLDER: model.safetensors or the shards of its
     index.json, built on the meta device and assigned in `dtype`, no float32 detour (as gpt-fast).
-    Stored rotary inv_freq buffers are checked against config.json and dropped (check_rope_buffer).
+    Stored rotary inv_freq buffers are checked against config.json and dropped (cli.check_rope_buffer).
     cli.MissingError for a missing file; cli.UserError for a non-LLaMA config.json, missing or
     unexpected tensors (named), or an inv_freq buffer that config.json's rope does not give."""
     path = Path(path)
@@ -413,26 +389,10 @@ def load(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> tuple[Tr
     tied = args.tie_embeddings  # then lm_head.weight is the embedding: neither needed nor refused
     # HF -> ours
     want = {ours_to_hf(n): n for n in model.state_dict() if not (tied and n == "output.weight")}
-    index = path / "model.safetensors.index.json"
-    weight_map = cli.read_json(index) if index.exists() else {"weight_map": {"": "model.safetensors"}}
-    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-    if not isinstance(weight_map, dict):
-        raise cli.UserError(f"{index}: no weight_map object; expected {{tensor name: shard file}}")
-    shards = weight_map.values()
-    files = sorted(set(shards))
-    if not all((path / f).is_file() for f in files):
-        raise cli.MissingError(f"{path}: missing one of the weight files {files}; expected {FOLDER}")
+    files = cli.weight_files(path, FOLDER)  # model.safetensors, or the shards of its index.json
     state, unexpected = read_tensors(path, files, want, args, device, dtype)
-    missing = sorted(set(want) - {ours_to_hf(n) for n in state})
-    if missing or unexpected:
-        raise cli.UserError(f"{path}: tensors do not fit config.json: missing {missing[:5]}, unexpected "
-                            f"{unexpected[:5]} ({len(missing)} and {len(unexpected)} in all)")
-    shapes = {name: t.shape for name, t in model.state_dict().items()}  # config.json's
-    wrong = [f"{ours_to_hf(n)} {tuple(t.shape)} (config.json: {tuple(shapes[n])})" for n, t in state.items()
-             if t.shape != shapes[n]]
-    if wrong:
-        raise cli.UserError(f"{path}: tensor shapes do not fit config.json: {', '.join(wrong[:3])} "
-                            f"({len(wrong)} in all)")
+    expected = {hf: model.state_dict()[name].shape for hf, name in want.items()}  # config.json's
+    cli.check_tensors(path, expected, {ours_to_hf(n): t.shape for n, t in state.items()}, unexpected)
     model.load_state_dict(state, strict=not tied, assign=True)
     if tied:
         model.output.weight = model.tok_embeddings.weight

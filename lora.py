@@ -18,24 +18,20 @@ TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # a LLaMA block's linear l
 def drop(x: torch.Tensor, p: float) -> torch.Tensor:
     """x with each element zeroed with probability p, NOT rescaled by 1 / (1 - p): the adapter
     rescales its narrow (..., r) middle instead (LoRALinear.forward), as A is linear. One bool mask
-    (1 byte an element, kept for backward), where ATen's CPU dropout draws a float mask, divides it
-    by 1 - p and multiplies: on the CPU recipe's step those passes cost more than the matmuls of the
-    adapters they feed. The mask compares uniform 31-bit integers with (1 - p) 2^31: the CPU draws
-    those 1.6x faster than bernoulli_ (a (16, 90, 576) mask: 5.0 against 8.1 ms, 2 AMX cores)."""
+    (1 byte an element, kept for backward) from uniform 31-bit integers: the CPU draws it 1.6x faster
+    than bernoulli_, and ATen's dropout (a float mask, divided, multiplied) cost more than the
+    adapters' matmuls on the CPU recipe's step."""
     draws = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_()  # [0, 2^31)
     keep = draws < round((1 - p) * 2**31)  # True with probability 1 - p, to 2^-31
     return torch.where(keep, x, 0)
 
 class SharedDropout(nn.Module):
-    """Dropout (`drop`, unscaled) whose one mask the `users` adapters reading the same input share
-    (wq, wk, wv of an Attention; w1, w3 of a FeedForward), as litgpt's fused qkv adapter does: each
-    adapter still sees dropout at rate p. One user: plain dropout.
-
-    The first user draws the mask from the RNG, the last one releases it, so nothing outlives the
-    call. Masks are drawn in a fixed order within each block; activation checkpointing restores the
-    RNG state before it recomputes a block, so backward sees exactly the masks the forward drew.
-    `reset` (a forward pre-hook of the module, see apply_lora) starts each call of the module
-    afresh, even after an interrupted one."""
+    """Dropout (`drop`, unscaled) whose one mask the `users` adapters reading one input share (wq,
+    wk, wv; w1, w3), as litgpt's fused qkv adapter does: each still sees dropout at rate p. The
+    first user draws the mask, the last releases it. Masks are drawn in a fixed order within a
+    block, so activation checkpointing, which restores the RNG state before it recomputes a block,
+    gives backward the forward's masks. `reset` (a forward pre-hook, see apply_lora) starts each
+    call of the module afresh, even after an interrupted one."""
     def __init__(self, p: float, users: int = 1):
         super().__init__()
         self.p = p
@@ -135,16 +131,6 @@ def apply_lora(model, targets=("wq", "wv"), r=8, lora_alpha=16, dropout=0.0, ver
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors, float32: {'layers.0.attention.wq.lora_A': (r, in), ...}."""
     return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
-
-def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where) -> None:
-    """Load adapter tensors into a model after apply_lora; cli.UserError naming `where`."""
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)  # no base weights in state
-    except RuntimeError as e:  # shape mismatches
-        raise cli.UserError(f"{where}: adapter does not fit the model: {e}") from None
-    missing = [k for k in missing if k.endswith((".lora_A", ".lora_B"))]
-    if missing or unexpected:
-        raise cli.UserError(f"{where}: adapter does not fit: missing {missing[:3]}, extra {unexpected[:3]}")
 
 def merge_all(model: nn.Module, merge: bool = True):
     """Merge (or unmerge) every LoRALinear of the model."""

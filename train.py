@@ -32,6 +32,7 @@ import data
 import llama
 import lora
 import memory
+from convert import save_checkpoint
 from data import MAX_LEN, WINDOW
 from eval import calibrated_report, predict
 
@@ -202,12 +203,6 @@ def get_lr(step: int, total: int, lr: float, warmup: int) -> float:
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-def stopped(cfg: Config, problem: str, step: int) -> cli.UserError:
-    """The error stopping a non-finite run, naming the last good checkpoint if there is one."""
-    last = Path(cfg.out) / "ckpt_last.pt"
-    kept = f"keeping the last good checkpoint {last}" if last.exists() else "no checkpoint was written yet"
-    return cli.UserError(f"{problem} at step {step + 1}; stopped, {kept}")
-
 def answer_loss(model, x: torch.Tensor, where: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The paper's loss, plainly: the model on the batch x (B, T), cross-entropy summed over the
     answer tokens `targets` (N,) that the positions `where` (B, T) predict. Training computes the
@@ -261,13 +256,6 @@ def micro_batch_loss(model, batch: list[tuple[list[int], int]], run: Run) -> tor
         logits = forward_shared(model, x, where)  # (N, V): the head only where the loss is taken
     return F.cross_entropy(logits, targets, reduction="sum")
 
-def check_finite(run: Run, step: int, loss: torch.Tensor | None = None, params=()) -> None:
-    """UserError that stops the run (stopped) if the loss or an adapter parameter is not finite."""
-    if loss is not None and not torch.isfinite(loss):
-        raise stopped(run.cfg, f"loss is {loss.item()}", step)
-    if not all(p.isfinite().all() for p in params):  # e.g. an infinite gradient under a finite loss
-        raise stopped(run.cfg, "the adapter is not finite", step)
-
 def optimizer_step(model, opt, run: Run, batches: list[list[int]], step: int, lr: float) -> tuple[float, int]:
     """One AdamW step over this process's share of the step's micro-batches: (loss, tokens covered:
     every row's prompt and answer, in all processes). The loss is summed over answer tokens and
@@ -288,11 +276,12 @@ def optimizer_step(model, opt, run: Run, batches: list[list[int]], step: int, lr
         for p in params:
             dist.all_reduce(p.grad)
         dist.all_reduce(loss_sum)
-    check_finite(run, step, loss=loss_sum)
+    last = Path(run.cfg.out) / "ckpt_last.pt"  # named when a non-finite step stops the run
+    cli.check_finite(last, step, loss=loss_sum)
     torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    check_finite(run, step, params=params)
+    cli.check_finite(last, step, params=params)
     tokens = sum(len(run.encoded[i][0]) for j in mine for i in batches[j]) * run.world
     return loss_sum.item(), tokens
 
@@ -323,27 +312,8 @@ def dev_checkpoint(model, tok, dev, run: Run, names, batch: int, meta: dict, row
     row.update({f"dev_{key}": res[key] for key in ("weighted_f1", "accuracy", "uncalibrated_weighted_f1")})
     if res["weighted_f1"] > best and run.rank == 0:
         path = Path(run.cfg.out) / "ckpt.pt"
-        save(path, dict(meta, step=row["step"], best=res["weighted_f1"]), model, dev=res, label_bias=bias)
+        save_checkpoint(path, dict(meta, step=row["step"], best=res["weighted_f1"]), model, dev=res, label_bias=bias)
     return max(best, res["weighted_f1"])
-
-def save(path: Path, meta: dict, model, **extra) -> None:
-    """Write the adapter, checked finite, with everything needed to rebuild the run."""
-    adapter = lora.lora_state_dict(model)
-    if not all(torch.isfinite(t).all() for t in adapter.values()):
-        raise cli.UserError(f"the adapter is not finite; {path} not written")
-    cli.atomic_write(path, dict(meta, lora=adapter, **extra))
-
-def resume(state: dict, model, opt, out: Path, main_proc: bool) -> tuple[int, float]:
-    """Load a ckpt_last.pt's adapter and optimizer state; drop the log rows of steps after it:
-    (step, best). No RNG state is needed: lr and dropout masks are functions of the step, and the
-    batches of (seed, epoch)."""
-    lora.load_lora_state_dict(model, state["lora"], "--resume")
-    opt.load_state_dict(state["optimizer"])
-    step = state["step"]
-    log_file = out / "metrics.jsonl"
-    if main_proc and log_file.exists():
-        cli.keep_log_rows(log_file, step)  # a torn last line dropped
-    return step, state["best"]
 
 @cli.releasing_locks
 def main(argv=None):
@@ -365,7 +335,7 @@ def main(argv=None):
     names, dev, encoded, per_epoch, total = load_data(cfg, tok, log)
     dev_batch = memory.eval_batch(model.args, cfg, log)
     run = Run(cfg, encoded, tok.pad_id, world, rank)
-    step, best = resume(state, model, opt, out, rank == 0) if state else (0, -1.0)
+    step, best = convert.resume_run(state, model, opt, out, rank == 0) if state else (0, -1.0)
     meta = dict(config=asdict(cfg), model_args=asdict(model.args), labels={n: data.LABELS[n] for n in names})
     metrics_log = open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a")  # a row per step
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train")
@@ -388,7 +358,7 @@ def main(argv=None):
             best = dev_checkpoint(model, tok, dev, run, names, dev_batch, meta, row, best)
         print(json.dumps(row), file=metrics_log, flush=True)
         if rank == 0 and (step % cfg.save_every == 0 or step == total or stop):
-            save(out / "ckpt_last.pt", dict(meta, step=step, best=best), model, optimizer=opt.state_dict())
+            save_checkpoint(out / "ckpt_last.pt", dict(meta, step=step, best=best), model, optimizer=opt.state_dict())
         stop.exit_if_asked(f"after step {step}: {cli.resume_hint(out / 'ckpt_last.pt')}")
     bar.close()
     log(f"done: best dev weighted F1 {100 * best:.2f}; adapter in {out / 'ckpt.pt'}")

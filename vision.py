@@ -13,7 +13,6 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import av
 import numpy as np
@@ -147,23 +146,8 @@ def describe_split(args: argparse.Namespace) -> dict[str, int]:
     return counts
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.epilog = "Flags are checked before any work. Exit status 1 when a clip failed; a rerun retries it."
-    p.add_argument("--videos", type=Path, required=True, help="folder of dia{D}_utt{U}.mp4 clips, or MELD.Raw")
-    p.add_argument("--data", default="meld", choices=["meld"], help="the dataset with video clips")
-    p.add_argument("--data-dir", help="the folder holding meld/ (default: $DIALOGUELLM_DATA, else ./data)")
-    p.add_argument("--split", required=True, choices=list(SPLIT_DIRS))
-    p.add_argument("--out", type=Path, required=True, help="JSONL, appended to; a rerun skips what it holds")
-    p.add_argument("--endpoint", required=True, help="API base URL; the key comes from $DIALOGUELLM_VLM_KEY")
-    p.add_argument("--model", required=True, help="a model name the endpoint serves")
-    p.add_argument("--frames", type=cli.positive_int, default=4)
-    args = p.parse_args(argv)
-    if not args.endpoint.startswith(("http://", "https://")):
-        raise cli.UsageError(f"--endpoint {args.endpoint!r}: expected a URL such as http://127.0.0.1:8080/v1")
-    if not args.videos.is_dir():
-        raise cli.MissingError(f"--videos {args.videos}: no such folder")
-    if args.out.is_dir() or not os.access(args.out if args.out.exists() else args.out.parent, os.W_OK):
-        raise cli.UsageError(f"--out {args.out}: expected a writable file, or one to create in a writable folder")
+    """Exit status 1 when a clip failed (a rerun retries it); flags checked first (cli.vision_args)."""
+    args = cli.vision_args(argv, __doc__, list(SPLIT_DIRS))
     return 1 if describe_split(args)["failed"] else 0
 
 if __name__ == "__main__":

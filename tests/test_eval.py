@@ -8,10 +8,10 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 import cli
+import convert
 import data
 import eval as ev
 import llama
-import lora
 from helpers import make_checkpoint
 
 LABELS = data.LABELS["meld"]
@@ -274,7 +274,7 @@ def test_bfloat16_eval_scores_the_model_dev_chose(tmp_path, shared_models):
     ckpt_path = tmp_path / "run" / "ckpt.pt"
     cfg, _ = train.parse_config(argv)
     trained, tok, _ = train.load_model(cfg, log=lambda *_: None)  # the model as train.evaluate_dev holds it
-    lora.load_lora_state_dict(trained, torch.load(ckpt_path, weights_only=True)["lora"], ckpt_path)
+    convert.load_adapter(trained, torch.load(ckpt_path, weights_only=True)["lora"], ckpt_path)
     dev = data.build_examples(data.load_split("meld", "dev", tmp_path / "data"), 1)
     expect = ev.predict(trained.eval(), tok, dev, 256, progress=False)
     model, _, _ = ev.load_checkpoint(ckpt_path, dtype=torch.bfloat16)

@@ -1,4 +1,4 @@
-"""eval.py --input / eval.label_conversations: your own conversations labelled as evaluation labels them (context
+"""eval.py --input / label.label_conversations: your own conversations labelled as evaluation labels them (context
 window, template, label set, dev-fitted offsets), from JSONL or CSV, stdin to stdout; bad input named in one line
 before the model loads; and, on real MELD dev, the labels eval.predict + eval.apply_offsets give."""
 import csv
@@ -13,6 +13,7 @@ import torch
 import cli
 import data
 import eval as ev
+import label
 import llama
 import lora
 from helpers import make_checkpoint
@@ -135,7 +136,7 @@ def test_python_function_and_an_utterance_over_max_len(capsys, loaded, monkeypat
     monkeypatch.setattr(ev, "predict", lambda model, tok, examples, *a, **k: scored.extend(examples) or predict(
         model, tok, examples, *a, **k))
     capsys.readouterr()
-    rows = ev.label_conversations(model, tok, short, long)
+    rows = label.label_conversations(ev.predict, model, tok, short, long)
     assert "cut the start of 1 utterance(s)" in capsys.readouterr().err
     assert [(r["id"], r["index"], r["text"]) for r in rows] == [(0, 0, "Hi."), (0, 1, text)]  # reported as given
     kept = scored[1]["target"]["text"]
@@ -143,7 +144,7 @@ def test_python_function_and_an_utterance_over_max_len(capsys, loaded, monkeypat
     prompt = ev.prompt_ids(tok, scored[1], 160)  # what the model read
     assert len(prompt) < 160 and "word299" in tok.decode(prompt) and "word0 " not in tok.decode(prompt)
     with pytest.raises(cli.UsageError, match="--label-set.*meld, emorynlp"):
-        ev.label_conversations(model, tok, ckpt, TALKS, label_set="iemocap")
+        label.label_conversations(ev.predict, model, tok, ckpt, TALKS, label_set="iemocap")
 
 
 BAD = [  # (file name, content, flags, expected in the one line)

@@ -219,12 +219,12 @@ def test_inv_freq_checked_within_its_dtype(tmp_path):
     """float16 and bfloat16 rounding pass; one part in 1000 is refused in float32, where it is 8000 eps."""
     args = llama.ModelArgs()  # LLaMA-2-7B: head_dim 128, rope_theta 10000
     want = llama.rope_frequencies(args)
-    llama.check_rope_buffer(want.to(torch.float16), args, "k", tmp_path / "f")
-    llama.check_rope_buffer(want.to(torch.bfloat16), args, "k", tmp_path / "f")
+    cli.check_rope_buffer(want.to(torch.float16), want, "k", tmp_path / "f", args)
+    cli.check_rope_buffer(want.to(torch.bfloat16), want, "k", tmp_path / "f", args)
     with pytest.raises(cli.UserError, match="k holds rotary frequencies"):
-        llama.check_rope_buffer(want * (1 + 1e-3), args, "k", tmp_path / "f")
+        cli.check_rope_buffer(want * (1 + 1e-3), want, "k", tmp_path / "f", args)
     with pytest.raises(cli.UserError, match="shape"):
-        llama.check_rope_buffer(want[:-1], args, "k", tmp_path / "f")
+        cli.check_rope_buffer(want[:-1], want, "k", tmp_path / "f", args)
 
 
 def test_other_unknown_tensor_still_refused(tmp_path, shared_models):
