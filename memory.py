@@ -18,14 +18,11 @@ EVAL_BATCH = 8  # prompts per scoring batch at the dev evaluations, unless the m
 SAFETY = 0.85  # auto checkpointing plans for this share of the memory: the plan's CUDA terms are estimates
 
 def memory_plan(args: llama.ModelArgs, cfg, blocks: int) -> list[tuple[str, int]]:
-    """Peak memory of a training run in bytes, by term, from the model's ModelArgs alone (no weights loaded).
-
-    Counts the tensors autograd keeps for backward in our Block and LoRALinear, for one micro-batch of
-    batch_size sequences padded to max_len that share no prefix (the worst case), with the first `blocks` blocks
-    checkpointed. Base weights and activations are in cfg.dtype (bf16 under autocast); LoRA weights, their
-    gradients and AdamW's two moments are float32.
-    """
-    cuda = cfg.device.startswith("cuda")
+    """Peak memory of a training run in bytes, by term, from the model's ModelArgs alone (no weights loaded): the
+    tensors autograd keeps for backward in our Block and LoRALinear, for one micro-batch of batch_size sequences
+    padded to max_len that share no prefix (the worst case), with the first `blocks` blocks checkpointed. Base
+    weights and activations are in cfg.dtype (bf16 under autocast); LoRA weights, their gradients and AdamW's two
+    moments are float32."""
     a = 2 if cfg.dtype == "bfloat16" else 4  # bytes per base weight and per activation
     C, F_, H, V = args.dim, args.hidden_dim, args.n_heads, args.vocab_size
     Q = H * args.head_dim
@@ -55,7 +52,7 @@ def memory_plan(args: llama.ModelArgs, cfg, blocks: int) -> list[tuple[str, int]
             ("backward: gradients in flight through one block", tokens * a * (3 * F_ + 2 * C)),
             # the head runs only where the loss is taken, ~4 answer tokens a sequence: logits, log-softmax, grads
             ("logits (N answer positions, vocab) float32", cfg.batch_size * 4 * V * 16)]
-    if cuda:
+    if cfg.device.startswith("cuda"):
         plan.append(("CUDA context and allocator slack (estimate)", 2 ** 30))
     return plan
 
@@ -113,9 +110,7 @@ def checkpointed_blocks(cfg, args: llama.ModelArgs, log=print) -> int:
             raise cli.UsageError(f"--grad-ckpt {cfg.grad_ckpt}: the model has {n} blocks")
         return int(cfg.grad_ckpt)
     budget = device_memory(cfg)
-    blocks = n
-    if budget is not None:
-        blocks = next((k for k in range(n + 1) if plan_bytes(args, cfg, k) <= SAFETY * budget), n)
+    blocks = n if budget is None else next((k for k in range(n + 1) if plan_bytes(args, cfg, k) <= SAFETY * budget), n)
     shown = "unknown memory" if budget is None else f"{budget / 2 ** 30:.1f} GiB"
     log(f"--grad-ckpt auto: checkpointing {blocks} of {n} blocks (plan {plan_bytes(args, cfg, blocks) / 2 ** 30:.1f}"
         f" GiB of {shown})")
@@ -139,8 +134,7 @@ def print_plan(cfg) -> None:
         verdict = f": {'fits' if total <= budget else 'does NOT fit'} in {budget / 2 ** 30:.1f} GiB"
     print(f"  {total / 2 ** 30:8.3f} GiB  total{verdict}")
     if cfg.grad_ckpt == "auto" and budget is not None:
-        fits = [b for b in range(1, 257) if plan_bytes(args, replace(cfg, batch_size=b), 0)
-                <= SAFETY * budget]
+        fits = [b for b in range(1, 257) if plan_bytes(args, replace(cfg, batch_size=b), 0) <= SAFETY * budget]
         print(f"  without checkpointing, micro-batches of up to {max(fits, default=0)} x {cfg.max_len} tokens fit")
     batch = eval_batch(args, cfg, log=lambda *_: None)
     print(f"evaluation plan: dev scoring in batches of {batch} prompts (the weights and LoRA state as above)")

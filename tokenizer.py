@@ -10,9 +10,8 @@ import cli
 FOLDER = "a Hugging Face LLaMA folder with config.json, *.safetensors and tokenizer.model or tokenizer.json"
 
 class Tokenizer:
-    """sentencepiece `tokenizer.model` (LLaMA-1/2) or `tokenizer.json` (LLaMA-3, SmolLM2); BOS/EOS
-    only when asked. pad_id falls back to eos_id (losses and scores use masks). cli.MissingError
-    without either file."""
+    """sentencepiece `tokenizer.model` (LLaMA-1/2) or `tokenizer.json` (LLaMA-3, SmolLM2); BOS/EOS only when asked.
+    pad_id falls back to eos_id (losses and scores use masks). cli.MissingError without either file."""
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
         self.sp = None
