@@ -43,7 +43,6 @@ INDEX = "model.safetensors.index.json"  # a sharded folder's map from tensor nam
 SHARD_BYTES = 5 * 10**9  # the Hub's and save_pretrained's default shard size, 5 GB
 WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 
-
 # ---------------------------------------------------------------- the model folder behind a --model name
 
 def model_dir(name: str | os.PathLike) -> Path:
@@ -73,7 +72,6 @@ def model_dir(name: str | os.PathLike) -> Path:
     convert_into_place(gguf_path, out)
     return out
 
-
 def hub_cache() -> Path:
     """The local Hugging Face hub cache, in huggingface_hub's order: $HF_HUB_CACHE, else $HF_HOME/hub, else
     $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub."""
@@ -81,7 +79,6 @@ def hub_cache() -> Path:
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
     return Path(os.environ.get("HF_HOME") or Path(xdg) / "huggingface").expanduser() / "hub"
-
 
 def hub_snapshot(repo_id: str) -> Path:
     """The newest snapshot folder of `repo_id` (owner/name) in hub_cache(), without the network:
@@ -99,7 +96,6 @@ def hub_snapshot(repo_id: str) -> Path:
         raise cli.MissingError(f"--model {repo_id}: not a local folder, and no snapshot with config.json in "
                                f"{snapshots} (the Hugging Face cache: $HF_HUB_CACHE, else $HF_HOME/hub)")
     return max(found, key=lambda d: d.stat().st_mtime)
-
 
 def cache_is_whole(out: Path, say: bool = True) -> bool:
     """Whether the converted default model in `out` is whole: every file there at the size its conversion recorded
@@ -120,7 +116,6 @@ def cache_is_whole(out: Path, say: bool = True) -> bool:
         print(f"{out}: {'; '.join(problems)}: converting it again", file=sys.stderr)
     return not problems
 
-
 def write_manifest(folder: Path) -> None:
     """Record each file's size and sha256 in folder/MANIFEST."""
     record = {}
@@ -131,7 +126,6 @@ def write_manifest(folder: Path) -> None:
                 digest.update(block)
         record[path.name] = dict(size=path.stat().st_size, sha256=digest.hexdigest())
     (folder / MANIFEST).write_text(json.dumps(record, indent=1))
-
 
 def convert_into_place(gguf_path: Path, out: Path) -> None:
     """convert_gguf into a temporary folder renamed to `out`: an interrupted run never leaves half a model.
@@ -157,7 +151,6 @@ def convert_into_place(gguf_path: Path, out: Path) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # already gone after a successful rename
 
-
 # ---------------------------------------------------------------- GGUF -> Hugging Face folder
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -165,13 +158,11 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     interleaved rotary: (out_features, in_features) back to HF's half-split order."""
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
-
 def required(meta: dict, key: str, gguf_path: Path):
     """A metadata value that must be there; cli.UserError naming the file and key otherwise."""
     if key not in meta:
         raise cli.UserError(f"{gguf_path}: missing GGUF metadata key {key!r}")
     return meta[key]
-
 
 def gguf_tensors(reader, meta: dict, gguf_path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the file under its HF name, dequantized to float32 (out_features, in_features)."""
@@ -191,7 +182,6 @@ def gguf_tensors(reader, meta: dict, gguf_path: Path) -> dict[str, torch.Tensor]
             w = unpermute_qk(w, heads[part])
         state[prefix + GGUF_TO_HF[part] + ".weight"] = w.contiguous()
     return state
-
 
 def gguf_config(meta: dict, gguf_path: Path, tied: bool) -> dict:
     """The HF config.json of a LLaMA GGUF file."""
@@ -215,7 +205,6 @@ def gguf_config(meta: dict, gguf_path: Path, tied: bool) -> dict:
             "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
             "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"), "torch_dtype": "float32"}
 
-
 def gguf_tokenizer(meta: dict, gguf_path: Path):
     """A `tokenizers` byte-level BPE from the file's tokens and merges, split as SmolLM2's own tokenizer.json
     does (single digits, then GPT-2's regex), with the control tokens kept whole."""
@@ -232,7 +221,6 @@ def gguf_tokenizer(meta: dict, gguf_path: Path):
     tokenizer.add_special_tokens([AddedToken(tok, special=True, normalized=False) for tok in control])
     return tokenizer
 
-
 def gguf_tokenizer_config(meta: dict, config: dict) -> dict:
     """The HF tokenizer_config.json: special tokens by name, no BOS added (prompts carry their own)."""
     tokens = meta["tokenizer.ggml.tokens"]
@@ -244,7 +232,6 @@ def gguf_tokenizer_config(meta: dict, config: dict) -> dict:
             "bos_token": name("bos"), "eos_token": name("eos"), "unk_token": name("unknown"),
             "pad_token": name("padding"), "model_max_length": config["max_position_embeddings"],
             "chat_template": meta.get("tokenizer.chat_template")}
-
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:
     """Write a LLaMA GGUF file as a HF folder: config.json, model.safetensors (float32, dequantized by gguf_tensors,
@@ -271,7 +258,6 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> No
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "tokenizer_config.json").write_text(json.dumps(gguf_tokenizer_config(meta, config), indent=2))
 
-
 # ---------------------------------------------------------------- train.py checkpoints: load and export
 
 def run_config(ckpt: dict, path) -> dict:
@@ -282,7 +268,6 @@ def run_config(ckpt: dict, path) -> dict:
         raise cli.UserError(f"{path}: its config lacks {missing}; expected a checkpoint written by train.py")
     return cfg
 
-
 def trained_dtype(cfg: dict, device, path) -> str:
     """The dtype name a run config trained in: its `dtype` (`auto`: cli.auto_dtype's for `device`; none, in a config
     written before --dtype existed: bfloat16 on CUDA, else float32). cli.UserError for any other name."""
@@ -292,7 +277,6 @@ def trained_dtype(cfg: dict, device, path) -> str:
     if name not in ("float32", "bfloat16"):
         raise cli.UserError(f"{path}: its config's dtype is {name!r}; expected float32, bfloat16 or auto")
     return name
-
 
 def load_checkpoint(path, device="cpu", dtype=None, ckpt: dict | None = None, merge: bool | None = None):
     """Rebuild (model with the adapter, in eval mode; Tokenizer; checkpoint dict) from a train.py checkpoint alone.
@@ -319,7 +303,6 @@ def load_checkpoint(path, device="cpu", dtype=None, ckpt: dict | None = None, me
         lora.merge_all(model)  # fold B A into the base weights: one matmul per layer at inference
     return model.to(device).eval(), tok, ckpt
 
-
 def load_adapter(model, state: dict[str, torch.Tensor], where) -> None:
     """Load adapter tensors into a model after lora.apply_lora; cli.UserError naming `where`."""
     try:
@@ -330,7 +313,6 @@ def load_adapter(model, state: dict[str, torch.Tensor], where) -> None:
     if missing or unexpected:
         raise cli.UserError(f"{where}: adapter does not fit: missing {missing[:3]}, extra {unexpected[:3]}")
 
-
 def save_checkpoint(path: Path, meta: dict, model, **extra) -> None:
     """Write a train.py checkpoint atomically: the adapter, checked finite, with `meta` (config,
     model_args, labels, step, best) and `extra`, everything needed to rebuild the run."""
@@ -338,7 +320,6 @@ def save_checkpoint(path: Path, meta: dict, model, **extra) -> None:
     if not all(torch.isfinite(t).all() for t in adapter.values()):
         raise cli.UserError(f"the adapter is not finite; {path} not written")
     cli.atomic_write(path, dict(meta, lora=adapter, **extra))
-
 
 def resume_run(state: dict, model, opt, out: Path, main_proc: bool) -> tuple[int, float]:
     """Load a ckpt_last.pt's adapter and optimizer state; drop the log rows of steps after it: (step, best). No RNG
@@ -350,7 +331,6 @@ def resume_run(state: dict, model, opt, out: Path, main_proc: bool) -> tuple[int
     if main_proc and log_file.exists():
         cli.keep_log_rows(log_file, step)  # a torn last line dropped
     return step, state["best"]
-
 
 def export_peft(ckpt_path, out_dir) -> None:
     """Write a train.py checkpoint's adapter for Hugging Face peft into out_dir, atomically: adapter_model.safetensors
@@ -371,7 +351,6 @@ def export_peft(ckpt_path, out_dir) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cli.atomic_write(out / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
     cli.atomic_write(out / "adapter_config.json", json.dumps(adapter_config, indent=2))
-
 
 def export_merged(ckpt_path, out_dir, dtype: str | None = None, shard_bytes: int = SHARD_BYTES):
     """Write a train.py checkpoint as a full Hugging Face checkpoint into out_dir, loadable with
@@ -403,7 +382,6 @@ def export_merged(ckpt_path, out_dir, dtype: str | None = None, shard_bytes: int
             cli.atomic_write(out / file, (base / file).read_bytes())
     return getattr(torch, name), files
 
-
 def plan_shards(sizes: dict[str, int], shard_bytes: int) -> list[list[str]]:
     """Tensor names, in order, grouped into shards of at most shard_bytes (a larger tensor gets a shard alone)."""
     shards = [[]]
@@ -415,7 +393,6 @@ def plan_shards(sizes: dict[str, int], shard_bytes: int) -> list[list[str]]:
         shards[-1].append(name)
         filled += n
     return shards
-
 
 def write_shards(state: dict[str, torch.Tensor], out: Path, shard_bytes: int) -> list[str]:
     """Write {HF name: tensor} into folder `out` as published folders hold it: model.safetensors when it fits
@@ -448,7 +425,6 @@ def write_shards(state: dict[str, torch.Tensor], out: Path, shard_bytes: int) ->
     index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
     cli.atomic_write(out / INDEX, json.dumps(index, indent=2))
     return [*names, INDEX]
-
 
 def export(src, peft_dir=None, merged_dir=None, dtype: str | None = None, shard_gb: float | None = None,
            overwrite: bool = False):
@@ -551,7 +527,6 @@ def convert_meld_annotations(src_json, out_jsonl) -> int:
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     cli.atomic_write(out_jsonl, "".join(lines))
     return len(lines)
-
 
 def fix_text(s: str) -> str:
     """Collapse whitespace runs (line breaks, tabs, double spaces) to one space; strip."""
