@@ -253,7 +253,7 @@ def main(argv=None):
     res["seconds"] = round(time.time() - t0, 1)
     cli.write_results(out, res, rows)  # first: a closed stdout (`| head`) must not lose them
     cli.show_results("", res, a.split)
-    for name in data.datasets_for(a.data or saved["data"], a.data_dir):
+    for name in sorted({r["dataset"] for r in rows}):  # the datasets evaluated
         cli.show_classes(res[name])
     if descriptions:
         cli.show_comparison(res["described_utterances"], a.split)
