@@ -761,6 +761,13 @@ def results_dir(a: argparse.Namespace, trained_data: str) -> Path:
     ]
     return parent / "-".join([f"eval-{a.split}"] + [part for given, part in options if given])
 
+def claim_results_dir(out: Path) -> None:
+    """Create eval.py's results folder and lock it (lock_folder): two evaluations writing into one folder at once
+    would leave one's metrics.json beside the other's predictions.jsonl."""
+    check_writable(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock_folder(out, "--out")
+
 def show_results(title: str, res: dict, split: str) -> None:
     """One line per dataset: weighted F1 (and without the label offsets, when they were applied), accuracy..."""
     before = res.get("uncalibrated_weighted_f1", {})

@@ -138,8 +138,14 @@ def convert_into_place(gguf_path: Path, out: Path) -> None:
                             "writable folder") from None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        convert_gguf(gguf_path, tmp)
-        write_manifest(tmp)
+        try:
+            convert_gguf(gguf_path, tmp)
+            write_manifest(tmp)
+        except Exception as e:  # safetensors' and tokenizers' Rust errors wrap the OS's: "... (os error 28)"
+            if "os error" not in str(e):
+                raise
+            raise cli.UserError(f"{out.parent}: converting the default model failed ({e}); free space there, or "
+                                "point DIALOGUELLM_CACHE at another folder") from None
         if out.exists() and not cache_is_whole(out, say=False):  # truncated or half-deleted: moved aside, then removed
             os.replace(out, tmp.with_name(tmp.name + "-broken"))
             shutil.rmtree(tmp.with_name(tmp.name + "-broken"))
@@ -369,10 +375,10 @@ def export_merged(ckpt_path, out_dir, dtype: str | None = None, shard_bytes: int
              if not k.endswith((".lora_A", ".lora_B")) and not (tied and k == "output.weight")}  # no copies
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = write_shards(state, out, shard_bytes)
-    for f in out.iterdir():  # an earlier export's other layout (one file or shards) would shadow this one
-        if WEIGHT_FILE.fullmatch(f.name) and f.name not in files:
+    for f in out.iterdir():  # an earlier export's weights go first: a stopped export never mixes two models
+        if WEIGHT_FILE.fullmatch(f.name):
             f.unlink()
+    files = write_shards(state, out, shard_bytes)  # the index last: a folder without it loads nothing
     hf_cfg["torch_dtype"] = name  # the dtype written; transformers 5 reads "dtype"
     if "dtype" in hf_cfg:
         hf_cfg["dtype"] = name

@@ -226,6 +226,7 @@ def evaluate_split(model, tok, a, saved: dict, descriptions, keep=None) -> tuple
               f"{', '.join(without)} is scored without offsets")
     return apply_offsets(rows, bias or {}), res
 
+@cli.releasing_locks
 def main(argv=None):
     a = parse_args(argv)
     if a.input:
@@ -238,7 +239,7 @@ def main(argv=None):
         saved = dict(convert.run_config(ckpt, a.ckpt),  # as trained
                      label_bias=ckpt.get("label_bias"))
     out = cli.results_dir(a, saved["data"])
-    cli.check_writable(out)
+    cli.claim_results_dir(out)  # locked: a second evaluation into the same folder is refused
     if a.ckpt:
         model, tok, _ = load_checkpoint(a.ckpt, a.device, ckpt=ckpt)
     else:

@@ -99,3 +99,27 @@ def test_export_merged_writes_and_states_its_dtype(ckpt, tmp_path, capsys):
     assert "float32 weights in 1 file(s)" in capsys.readouterr().out
     assert sorted(f.name for f in out.glob("model*")) == ["model.safetensors"]
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def test_a_stopped_overwrite_export_never_mixes_two_exports(tmp_path, shared_models, monkeypatch):
+    """--export-merged --overwrite removes the earlier export's weights before writing its own, the index last: an
+    export stopped after its first shard leaves that shard alone, which loads nothing, never the earlier shards
+    and index beside it, which would load as a mixture of two models."""
+    ckpt = write_ckpt(tmp_path, shared_models, hidden_size=256, intermediate_size=512, num_key_value_heads=4)
+    out = tmp_path / "merged"
+    args = ["--export-merged", str(out), "--from", str(ckpt), "--dtype", "float32", "--shard-size", "0.001"]
+    train.main(args)
+    first = sorted(f.name for f in out.glob("model*"))
+    calls = []
+    real_save = safetensors.torch.save_file
+
+    def stopping_save(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C while the second shard is written
+        return real_save(tensors, filename, metadata=metadata)
+    monkeypatch.setattr(safetensors.torch, "save_file", stopping_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ["--overwrite"])
+    assert len(first) >= 4 and first[-1] == "model.safetensors.index.json"
+    assert sorted(f.name for f in out.glob("model*")) == [first[0]]

@@ -133,6 +133,23 @@ def test_a_second_run_into_a_locked_folder_is_refused_naming_the_holder(base, tm
     assert all(state["config"]["seed"] == 0 for state in written)  # the refused run (seed 1) wrote nothing
 
 
+def test_a_second_evaluation_into_a_locked_results_folder_is_refused(base, tmp_path):
+    """Two evaluations writing one results folder at once would leave one's metrics.json beside the other's
+    predictions.jsonl: the second is refused, naming the holder, and writes nothing."""
+    folder = tmp_path / "res" / "eval-test-limit4"
+    folder.mkdir(parents=True)
+    hold = f"import cli, sys, time; cli.lock_folder({str(folder)!r}); print('held', flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        p = script("eval.py", base / "run/ckpt.pt", "--limit", "4", "--out", tmp_path / "res")
+        one_line(p.returncode, p.stderr, "eval.py", 1, f"--out {folder}: in use by another run (pid {holder.pid})")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # no metrics.json, no predictions.jsonl
+
+
 def test_a_copied_run_resumes_in_the_copy_and_leaves_the_original(partial, tmp_path):
     copy = tmp_path / "runT2"
     shutil.copytree(partial, copy)
@@ -354,6 +371,15 @@ def test_a_read_only_file_system_and_a_read_only_home_are_one_line(base, tmpfs):
     p = script("eval.py", "--zero-shot", "--limit", "1", "--data-dir", base / "data", "--out", base / "zs",
                env=dict(env, HOME=str(tmpfs / "home")))
     one_line(p.returncode, p.stderr, "eval.py", 1, f"{tmpfs / 'home'}/.cache", "Read-only file system (EROFS)")
+
+
+def test_a_full_model_cache_at_the_first_conversion_is_one_line(base, tmpfs):
+    """safetensors and tokenizers raise their own errors on a full disk: still one line, and no half model left."""
+    p = script("eval.py", "--zero-shot", "--limit", "1", "--data-dir", base / "data", "--out", base / "zs-full",
+               env=dict(ENV, DIALOGUELLM_CACHE=str(tmpfs / "cache")))
+    one_line(p.returncode, p.stderr, "eval.py", 1, f"{tmpfs / 'cache'}: converting the default model failed",
+             "No space left on device", "DIALOGUELLM_CACHE")
+    assert list((tmpfs / "cache").iterdir()) == []
 
 
 # Root passes every permission check; the child drops the two capabilities that let it (setpriv), which is
