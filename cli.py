@@ -230,13 +230,19 @@ def check_writable(folder, flag: str = "--out") -> None:
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {folder}: {parent} is not a writable folder")
 
+def claim_folder(folder, flag: str = "--out", leftovers=()) -> None:
+    """Create an output folder (UsageError unless it can be written: check_writable) and lock it for this process
+    (lock_folder, which removes `leftovers`' interrupted saves): a run, an export and an evaluation each write
+    into a folder no other process is writing into."""
+    check_writable(folder, flag)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    lock_folder(folder, flag, leftovers)
+
 def claim_run_folder(out, run_files, overwrite: bool, resume: bool = False) -> None:
-    """Create --out and lock it for this run (lock_folder); for a new run, UsageError if it holds one of
+    """Create --out and lock it for this run (claim_folder); for a new run, UsageError if it holds one of
     run_files, unless overwrite (which deletes them)."""
     out = Path(out)
-    check_writable(out)
-    out.mkdir(parents=True, exist_ok=True)
-    lock_folder(out, "--out", run_files)
+    claim_folder(out, "--out", run_files)
     found = [name for name in run_files if (out / name).exists()]
     if found and not overwrite and not resume:
         hint = f"continue it with --resume {out / 'ckpt_last.pt'}, or " if "ckpt_last.pt" in found else ""
@@ -760,13 +766,6 @@ def results_dir(a: argparse.Namespace, trained_data: str) -> Path:
         (a.zero_shot, f"{Path(a.model).name}-window{a.window}"),
     ]
     return parent / "-".join([f"eval-{a.split}"] + [part for given, part in options if given])
-
-def claim_results_dir(out: Path) -> None:
-    """Create eval.py's results folder and lock it (lock_folder): two evaluations writing into one folder at once
-    would leave one's metrics.json beside the other's predictions.jsonl."""
-    check_writable(out)
-    out.mkdir(parents=True, exist_ok=True)
-    lock_folder(out, "--out")
 
 def show_results(title: str, res: dict, split: str) -> None:
     """One line per dataset: weighted F1 (and without the label offsets, when they were applied), accuracy..."""

@@ -457,18 +457,16 @@ def export(src, peft_dir=None, merged_dir=None, dtype: str | None = None, shard_
 EXPORT_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", *BASE_FILES)
 
 def claim_export_dir(folder, flag: str, src, overwrite: bool) -> None:
-    """Create and lock an export folder (cli.lock_folder). Exports never destroy: UsageError for the folder of the
+    """Create and lock an export folder (cli.claim_folder). Exports never destroy: UsageError for the folder of the
     base model the checkpoint derives from (as --model resolves it: a folder, the default model's cache, a Hugging
     Face snapshot), even with --overwrite; for a folder holding anything, unless --overwrite."""
     folder = Path(folder)
-    cli.check_writable(folder, flag)
     model = run_config(cli.read_checkpoint(src), src)["model"]
     bases = [model_dir(model)] + ([Path(model)] if Path(model).exists() else [])
     if any(folder.resolve() == base.resolve() for base in bases):
         raise cli.UsageError(f"{flag} {folder}: the folder of the base model {model!r} that {src} derives from; "
                              "an export there would replace the model itself; choose another folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    cli.lock_folder(folder, flag, EXPORT_FILES)
+    cli.claim_folder(folder, flag, EXPORT_FILES)
     held = sorted(p.name for p in folder.iterdir() if p.name != cli.LOCK)
     if held and not overwrite:
         raise cli.UsageError(f"{flag} {folder}: not empty ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''})"

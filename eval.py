@@ -239,7 +239,7 @@ def main(argv=None):
         saved = dict(convert.run_config(ckpt, a.ckpt),  # as trained
                      label_bias=ckpt.get("label_bias"))
     out = cli.results_dir(a, saved["data"])
-    cli.claim_results_dir(out)  # locked: a second evaluation into the same folder is refused
+    cli.claim_folder(out)  # locked: a second evaluation writing the same files is refused
     if a.ckpt:
         model, tok, _ = load_checkpoint(a.ckpt, a.device, ckpt=ckpt)
     else:
